@@ -1,0 +1,239 @@
+"""The versioned model store: the only state shared between processes and replicas.
+
+Layout under the registry root::
+
+    ACTIVE                      the active version id (replaced atomically by rename)
+    versions/<vNNNN>/           one directory per published version, renamed in whole
+        model.safetensors       weights (never pickled)
+        manifest.json           id, architecture, parent, metrics, data hash, hyperparameters
+        model.onnx, *.png       artifacts written by the publisher
+    staging/                    versions being written; never read
+    jobs/<job_id>.json          fine-tune job records
+    samples/<job_id>.safetensors uploaded samples, kept with their job
+    feedback/*.safetensors      user corrections collected by POST /feedback
+
+Every write goes to a temporary name and is renamed into place, so a writer killed at any
+instant leaves the previous state intact. Publishers serialize on a file lock (fcntl: the
+kernel releases it when the holder dies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.nets import build
+
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+ONNX = "model.onnx"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class Manifest(BaseModel):
+    version: str
+    arch: str
+    parent: str | None = None
+    created: float = Field(default_factory=time.time)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    data_hash: str | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    job_id: str | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.staging_dir = self.root / "staging"
+        self.jobs_dir = self.root / "jobs"
+        self.samples_dir = self.root / "samples"
+        self.feedback_dir = self.root / "feedback"
+        self.active_file = self.root / "ACTIVE"
+        for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.root / ".publish.lock"))
+
+    # ------------------------------------------------------------ reading
+
+    def version_dir(self, version: str) -> Path:
+        if not VERSION_PATTERN.match(version):
+            raise RegistryError(f"{version!r} is not a version id (like v0001)")
+        return self.versions_dir / version
+
+    def list_versions(self) -> list[Manifest]:
+        manifests = []
+        for path in sorted(self.versions_dir.iterdir()):
+            if VERSION_PATTERN.match(path.name) and (path / MANIFEST).is_file():
+                manifests.append(self.get(path.name))
+        return manifests
+
+    def get(self, version: str) -> Manifest:
+        path = self.version_dir(version) / MANIFEST
+        if not path.is_file():
+            raise RegistryError(f"no version {version} in {self.root}")
+        return Manifest.model_validate_json(path.read_text())
+
+    def exists(self, version: str) -> bool:
+        return VERSION_PATTERN.match(version) is not None and (self.versions_dir / version / MANIFEST).is_file()
+
+    def active_version(self) -> str | None:
+        try:
+            version = self.active_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def active_marker(self) -> tuple[int, int] | None:
+        """A cheap fingerprint of the ACTIVE pointer (one stat call): it changes on every activation."""
+        try:
+            st = os.stat(self.active_file)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def load_state_dict(self, version: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.version_dir(version) / WEIGHTS))
+
+    def load_model(self, version: str | None = None) -> tuple[nn.Module, Manifest]:
+        """Build the version's architecture with its weights, in eval mode on the CPU."""
+        version = version or self.active_version()
+        if version is None:
+            raise RegistryError(f"{self.root} has no active version; run `python -m model train`")
+        manifest = self.get(version)
+        model = build(manifest.arch)
+        model.load_state_dict(self.load_state_dict(version))
+        return model.eval(), manifest
+
+    def onnx_path(self, version: str) -> Path:
+        return self.version_dir(version) / ONNX
+
+    # ------------------------------------------------------------ writing
+
+    def _next_version(self) -> str:
+        numbers = [int(m.group(1)) for p in self.versions_dir.iterdir() if (m := VERSION_PATTERN.match(p.name))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def publish(
+        self,
+        model: nn.Module,
+        arch: str,
+        *,
+        parent: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        data_hash: str | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        write_artifacts: Callable[[Path, str], None] | None = None,
+        activate: bool = True,
+    ) -> Manifest:
+        """Write a complete version under staging/, rename it into versions/, then (optionally)
+        move ACTIVE to it. ``write_artifacts(dir, version)`` adds files such as model.onnx."""
+        with self.lock:
+            self._clear_staging()  # we hold the lock, so anything there is from a dead publisher
+            version = self._next_version()
+            staging = self.staging_dir / f"{version}.{os.getpid()}"
+            staging.mkdir(parents=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS), metadata={"version": version, "arch": arch})
+            if write_artifacts is not None:
+                write_artifacts(staging, version)
+            manifest = Manifest(
+                version=version,
+                arch=arch,
+                parent=parent,
+                metrics=metrics or {},
+                data_hash=data_hash,
+                hyperparameters=hyperparameters or {},
+                job_id=job_id,
+                files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
+            )
+            atomic_write_bytes(staging / MANIFEST, manifest.model_dump_json(indent=2).encode())
+            _fsync_dir(staging)
+            os.rename(staging, self.versions_dir / version)
+            _fsync_dir(self.versions_dir)
+            if activate:
+                self._write_active(version)
+            return manifest
+
+    def add_artifact(self, version: str, name: str, write: Callable[[Path], None]) -> None:
+        """(Re)write one artifact of a published version, e.g. a missing ONNX file, and record
+        its new hash in the manifest. Both files are replaced atomically."""
+        directory = self.version_dir(version)
+        with self.lock:
+            tmp = directory / f".{name}.{os.getpid()}.tmp"
+            write(tmp)
+            digest = sha256_file(tmp)
+            os.replace(tmp, directory / name)
+            manifest = self.get(version)
+            manifest.files[name] = digest
+            atomic_write_bytes(directory / MANIFEST, manifest.model_dump_json(indent=2).encode())
+
+    def verify_artifact(self, version: str, name: str) -> bool:
+        """True when the file exists and matches the hash recorded at publish time."""
+        path = self.version_dir(version) / name
+        expected = self.get(version).files.get(name)
+        return path.is_file() and expected is not None and sha256_file(path) == expected
+
+    def activate(self, version: str) -> None:
+        if not self.exists(version):
+            raise RegistryError(f"no version {version} in {self.root}")
+        with self.lock:
+            self._write_active(version)
+
+    def _write_active(self, version: str) -> None:
+        atomic_write_bytes(self.active_file, f"{version}\n".encode())
+        _fsync_dir(self.root)
+
+    def _clear_staging(self) -> None:
+        for leftover in self.staging_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Request and response models: what /docs shows and what every endpoint validates against."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictJSON(BaseModel):
+    """JSON body of POST /predict. ``image`` may be a bare base64 string or a data URL
+    (``data:image/png;base64,...``, what a canvas's ``toDataURL()`` gives)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., min_length=1, description="base64-encoded PNG/JPEG/BMP/GIF/WebP/TIFF")
+
+
+class PredictResponse(BaseModel):
+    digit: int = Field(..., ge=0, le=9)
+    confidence: float = Field(..., ge=0, le=1, description="probability of the predicted digit")
+    probabilities: list[float] = Field(..., min_length=10, max_length=10)
+    model_version: str
+    runtime: str = Field(..., description="torch-compile or onnxruntime")
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="machine-readable problem code")
+    detail: str | list = Field(..., description="what is wrong and how to fix it")
+    request_id: str | None = None
+
+
+class FeedbackResponse(BaseModel):
+    stored: str = Field(..., description="id of the stored sample")
+    label: int
+    feedback_samples: int = Field(..., description="feedback samples collected so far")
+
+
+class FinetuneOptions(BaseModel):
+    """Bounded knobs of a fine-tune job (defaults suit a few hundred samples)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(8, ge=1, le=50)
+    learning_rate: float = Field(5e-4, gt=0, le=0.05)
+    batch_size: int = Field(64, ge=8, le=512)
+    replay_ratio: float = Field(1.0, ge=0, le=10, description="MNIST replay samples per uploaded sample")
+    holdout_fraction: float = Field(0.2, ge=0.05, le=0.5, description="share of the upload kept for the gate")
+    max_accuracy_drop: float = Field(0.005, ge=0, le=0.1, description="allowed MNIST test accuracy drop (0.005 = 0.5 points)")
+    seed: int = Field(0, ge=0)
+
+
+class FinetuneSampleJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., min_length=1, description="base64 image or data URL")
+    label: int = Field(..., ge=0, le=9)
+
+
+class FinetuneJSON(FinetuneOptions):
+    """JSON body of POST /admin/finetune: inline samples, or ``source: feedback``."""
+
+    samples: list[FinetuneSampleJSON] | None = None
+    source: Literal["upload", "feedback"] = "upload"
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status_url: str
+    state: str
+    queued_behind: int = Field(..., description="jobs ahead of this one")
+    message: str
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "succeeded", "rejected", "failed"]
+    created: float
+    updated: float
+    samples: int
+    source: str
+    options: FinetuneOptions
+    parent_version: str | None = None
+    produced_version: str | None = None
+    progress: dict = Field(default_factory=dict, description="epoch, epochs, loss")
+    metrics_before: dict = Field(default_factory=dict)
+    metrics_after: dict = Field(default_factory=dict)
+    message: str = ""
+
+
+class ModelEntry(BaseModel):
+    version: str
+    arch: str
+    parent: str | None
+    created: float
+    active: bool
+    job_id: str | None
+    metrics: dict
+
+
+class ActivateResponse(BaseModel):
+    active: str
+    previous: str | None

@@ -1,0 +1,86 @@
+"""Every knob of the service, from environment variables (``DIGITS_*``) and matching flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Read from ``DIGITS_<NAME>`` env vars; ``python -m service --<name> VALUE`` overrides them."""
+
+    model_config = SettingsConfigDict(env_prefix="DIGITS_", cli_kebab_case=True, extra="ignore")
+
+    # where
+    host: str = Field("127.0.0.1", description="interface to listen on (127.0.0.1, 0.0.0.0 or ::)")
+    port: int = Field(8000, ge=1, le=65535)
+    registry: Path = Field(Path("registry"), description="model registry directory (shared state)")
+    data_dir: Path = Field(Path("data"), description="prepared MNIST (replay data for fine-tuning)")
+
+    # how the model runs
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="torch: torch.compile; onnx: ONNX Runtime; auto: see README"
+    )
+    max_batch_size: int = Field(16, ge=1, le=256, description="largest batch the worker assembles")
+    batch_timeout: float = Field(0.002, ge=0, le=1, description="seconds a batch waits to fill")
+    workers: int = Field(1, ge=1, le=16, description="inference worker processes per device")
+    api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
+    worker_threads: int = Field(1, ge=1, le=64, description="intra-op threads of each inference worker")
+    request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
+
+    # limits on what clients send
+    max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
+    max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
+
+    # admin and fine-tuning
+    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset: admin disabled")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    finetune_max_samples: int = Field(10_000, ge=1)
+    finetune_max_archive_bytes: int = Field(200 * MiB, ge=1024, description="uncompressed size cap of an upload")
+    finetune_max_body_bytes: int = Field(50 * MiB, ge=1024, description="largest admin upload body")
+    trainer_threads: int = Field(1, ge=1, le=64, description="torch threads of the fine-tune trainer")
+    trainer_enabled: bool = Field(True, description="run the fine-tune trainer process beside the server")
+
+    # operations
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(True, description="one structured log line per request")
+    run_dir: Path | None = Field(None, description="scratch dir for metrics and readiness; default: a temp dir")
+    warmup_measure_runs: int = Field(20, ge=1, description="timed runs per runtime when runtime=auto")
+
+    # test-only: make torch.compile fail so the ONNX fallback is exercised
+    test_fail_compile: bool = Field(False, description="test only: simulate a torch.compile failure")
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> Settings:
+        if self.admin_token is None and self.admin_token_file is not None:
+            token = self.admin_token_file.read_text().strip()
+            if token:
+                self.admin_token = SecretStr(token)
+        return self
+
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
+
+    def buckets(self) -> list[int]:
+        """Padded batch sizes the compiled graph is built for: 1, 2, 4, ... max_batch_size."""
+        sizes, size = [], 1
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self.max_batch_size]
+
+    def export_env(self) -> None:
+        """Put the effective settings in the environment, for processes that LitServe spawns."""
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            os.environ[f"DIGITS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

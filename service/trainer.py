@@ -1,0 +1,143 @@
+"""The fine-tune trainer: one process beside the server that runs queued jobs one at a time.
+
+Out of the request path, with its torch threads capped so serving keeps its latency. A file
+lock in the registry makes it one trainer even across replicas sharing the registry. On
+start it marks jobs left ``running`` by a crash as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+from functools import cache
+
+import torch
+from filelock import FileLock, Timeout
+
+from model import data
+from model.finetune import finetune
+from model.publish import PARITY_IMAGES, publish_model
+from model.registry import Registry
+from service.jobs import JobStore
+from service.schemas import JobRecord
+from service.settings import Settings
+
+log = logging.getLogger("digits.trainer")
+POLL_SECONDS = 0.5
+
+
+@cache
+def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.load_split(data_dir, train=train)
+
+
+def mark_interrupted(store: JobStore) -> None:
+    for record in store.all():
+        if record.state == "running":
+            record.state = "failed"
+            record.message = "interrupted: the trainer stopped (crash or restart) while this job ran; resubmit it"
+            store.save(record)
+            log.warning("marked interrupted job %s as failed", record.job_id, extra={"job_id": record.job_id})
+
+
+def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Settings,
+            stop: threading.Event) -> JobRecord:
+    from service import metrics
+
+    record.state = "running"
+    record.parent_version = registry.active_version()
+    record.message = "training"
+    store.save(record)
+    try:
+        images, labels = store.load_samples(record.job_id)
+        base, manifest = registry.load_model(record.parent_version)
+        test_set = mnist(str(settings.data_dir), False)
+
+        def progress(stats) -> None:
+            record.progress = {"epoch": stats.epoch, "epochs": record.options.epochs,
+                               "loss": round(stats.train_loss, 5)}
+            store.save(record)
+
+        outcome = finetune(base, images, labels, mnist(str(settings.data_dir), True), test_set,
+                           record.options, on_epoch=progress, should_stop=stop.is_set)
+        record.metrics_before, record.metrics_after = outcome.before, outcome.after
+        record.message = f"{outcome.reason} ({outcome.seconds:.1f} s)"
+        if outcome.promoted:
+            published = publish_model(
+                registry, outcome.model, manifest.arch, test_set[0][:PARITY_IMAGES],
+                parent=manifest.version, job_id=record.job_id,
+                metrics={"test_accuracy": outcome.after["mnist_test_accuracy"], "finetune": outcome.after,
+                         "finetune_before": outcome.before, "finetune_seconds": round(outcome.seconds, 1)},
+                data_hash=manifest.data_hash,
+                hyperparameters=record.options.model_dump(),
+            )
+            record.state, record.produced_version = "succeeded", published.version
+        else:
+            record.state = "rejected"
+    except InterruptedError:
+        record.state, record.message = "failed", "interrupted: the server shut down while this job ran; resubmit it"
+    except Exception as exc:
+        log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
+        record.state, record.message = "failed", f"{type(exc).__name__}: {exc}"
+    store.save(record)
+    metrics.finetune_jobs.labels(record.state).inc()
+    log.info("job %s %s: %s", record.job_id, record.state, record.message, extra={"job_id": record.job_id})
+    return record
+
+
+def trainer_loop(settings: Settings) -> None:
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    torch.set_num_threads(settings.trainer_threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    registry = Registry(settings.registry)
+    store = JobStore(registry)
+    lock = FileLock(str(registry.root / ".trainer.lock"))
+    while not stop.is_set():
+        try:
+            lock.acquire(timeout=POLL_SECONDS)
+            break
+        except Timeout:
+            continue  # another replica's trainer holds it; wait our turn
+    else:
+        return
+    try:
+        mark_interrupted(store)
+        log.info("trainer ready (threads=%d)", settings.trainer_threads)
+        while not stop.is_set():
+            queued = store.queued()
+            if queued:
+                run_job(queued[0], store, registry, settings, stop)
+            else:
+                stop.wait(POLL_SECONDS)
+    finally:
+        lock.release()
+
+
+class TrainerProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.process = mp.get_context("spawn").Process(
+            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
+        )
+
+    def start(self) -> TrainerProcess:
+        self.process.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: the running job stops at its next step
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
+
+
+def start_trainer(settings: Settings) -> TrainerProcess:
+    return TrainerProcess(settings).start()
+
