@@ -75,6 +75,7 @@ def train_base_model(
         augment=augment,
         seed=seed,
     )
+    torch.manual_seed(seed)  # the initial weights too
     model = build(arch)
     print(f"training {arch} on {len(train_images):,} MNIST images: {config.to_dict()}", flush=True)
     started = time.perf_counter()
