@@ -19,9 +19,7 @@ VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
     body = json.dumps({"error": code, "detail": detail, "request_id": request_id}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if request_id:
-        headers.append((b"x-request-id", request_id.encode()))
-    return headers, body
+    return headers, body  # the request-context middleware adds X-Request-ID
 
 
 def header(scope: Scope, name: bytes) -> str | None:
