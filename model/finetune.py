@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model.train import EpochStats, TrainConfig, evaluate, train
+from model.train import EpochStats, TrainConfig, evaluate, predict_logits, train
 
 
 @dataclass
@@ -75,8 +75,13 @@ def finetune(
     replay_count = min(len(mnist_train[0]), round(len(train_x) * options.replay_ratio))
     pick = torch.randperm(len(mnist_train[0]), generator=torch.Generator().manual_seed(options.seed + 1))
     pick = pick[:replay_count]
-    mixed_x = torch.cat([train_x, mnist_train[0][pick]])
+    replay_x = mnist_train[0][pick]
+    mixed_x = torch.cat([train_x, replay_x])
     mixed_y = torch.cat([train_y, mnist_train[1][pick]])
+    # Learning without forgetting: on replayed images, also match the base model's outputs.
+    teacher = None
+    if replay_count:
+        teacher = torch.cat([torch.full((len(train_x), 10), float("nan")), predict_logits(base, replay_x)])
 
     model = copy.deepcopy(base)
     config = TrainConfig(
@@ -88,7 +93,8 @@ def finetune(
         schedule="constant",
         label_smoothing=0.0,
     )
-    train(model, mixed_x, mixed_y, config, on_epoch=on_epoch, should_stop=should_stop, show_progress=False)
+    train(model, mixed_x, mixed_y, config, teacher_logits=teacher, on_epoch=on_epoch, should_stop=should_stop,
+          show_progress=False)
     after = {"mnist_test_accuracy": accuracy(model, *mnist_test), "holdout_accuracy": accuracy(model, hold_x, hold_y)}
     before.update(holdout_samples=len(hold_x), train_samples=len(train_x), replay_samples=replay_count)
     after.update(holdout_samples=len(hold_x), train_samples=len(train_x), replay_samples=replay_count)

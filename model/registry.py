@@ -101,7 +101,15 @@ class Registry:
         self.active_file = self.root / "ACTIVE"
         for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(str(self.root / ".publish.lock"))
+        self._lock: FileLock | None = None
+        self._lock_pid = -1
+
+    @property
+    def lock(self) -> FileLock:
+        """The publish lock, made anew in each process (a lock object must not cross a fork)."""
+        if self._lock is None or self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = FileLock(str(self.root / ".publish.lock")), os.getpid()
+        return self._lock
 
     # ------------------------------------------------------------ reading
 

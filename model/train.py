@@ -31,6 +31,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     schedule: str = "onecycle"  # "onecycle" (base training) or "constant" (fine-tuning)
     label_smoothing: float = 0.05
+    freeze_batchnorm: bool = False  # keep BN statistics fixed (fine-tuning: less forgetting)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,11 +89,17 @@ def train(
     labels: torch.Tensor,
     config: TrainConfig,
     evaluate_on: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_logits: torch.Tensor | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     show_progress: bool = True,
 ) -> list[EpochStats]:
-    """Train in place on uint8 images [N,28,28] with int64 labels; return per-epoch stats."""
+    """Train in place on uint8 images [N,28,28] with int64 labels; return per-epoch stats.
+
+    ``teacher_logits`` [N,10] (NaN rows for samples without one) adds a distillation term
+    that keeps the model's outputs on those samples close to a teacher's: fine-tuning uses
+    it on replayed MNIST images so the new model remembers what the old one knew.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     model.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU
@@ -108,6 +115,10 @@ def train(
     history: list[EpochStats] = []
     for epoch in range(1, config.epochs + 1):
         model.train()
+        if config.freeze_batchnorm:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         order = torch.randperm(len(images), generator=generator)
         total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(
@@ -120,6 +131,8 @@ def train(
                 x = random_affine(x, generator)
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            if teacher_logits is not None:
+                loss = loss + distillation_loss(logits, teacher_logits[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -140,6 +153,16 @@ def train(
             on_epoch(stats)
     model.eval()
     return history
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher || student) at a temperature, over the rows that have a teacher."""
+    rows = ~teacher.isnan().any(dim=1)
+    if not rows.any():
+        return logits.new_zeros(())
+    student = F.log_softmax(logits[rows] / temperature, dim=1)
+    target = F.log_softmax(teacher[rows] / temperature, dim=1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature**2
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ class FinetuneOptions(BaseModel):
     """Bounded knobs of a fine-tune job (defaults suit a few hundred samples)."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(8, ge=1, le=50)
+    epochs: int = Field(8, ge=1, le=100)
     learning_rate: float = Field(5e-4, gt=0, le=0.05)
     batch_size: int = Field(64, ge=8, le=512)
     replay_ratio: float = Field(1.0, ge=0, le=10, description="MNIST replay samples per uploaded sample")

@@ -176,7 +176,7 @@ def start_server(tmp_path: Path) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(registry: Path, wait_ready: float = 180.0, **env: str) -> ServerProcess:
-        server = ServerProcess(Path(registry), env={k.upper(): str(v) for k, v in env.items()})
+        server = ServerProcess(Path(registry), env={f"DIGITS_{k.upper()}": str(v) for k, v in env.items()})
         started.append(server)
         return server.start(tmp_path, wait_ready)
 

@@ -1,0 +1,297 @@
+"""Admin fine-tuning over real HTTP with real training: auth, uploads, gate, hot swap, rollback,
+feedback, restarts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from tests.conftest import ServerProcess, copy_registry, png_of, post_png, wait_until, zip_of
+
+TOKEN = "test-admin-token-5f1c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def rotated(images: torch.Tensor) -> torch.Tensor:
+    """The shifted domain: digits turned 90 degrees, which the base model mostly gets wrong."""
+    return torch.rot90(images, 1, (1, 2))
+
+
+@pytest.fixture(scope="module")
+def admin_server(base_registry, tmp_path_factory) -> ServerProcess:  # noqa: ANN001
+    root = tmp_path_factory.mktemp("admin")
+    registry = copy_registry(base_registry, root / "registry")
+    server = ServerProcess(registry.root, env={"DIGITS_ADMIN_TOKEN": TOKEN, "DIGITS_API_SERVERS": "2"})
+    server.start(root)
+    yield server
+    server.stop()
+
+
+def job_done(server: ServerProcess, job_id: str, timeout: float = 300) -> dict:
+    def finished() -> dict | None:
+        record = requests.get(f"{server.url}/admin/jobs/{job_id}", headers=AUTH, timeout=10).json()
+        return record if record["state"] in ("succeeded", "rejected", "failed") else None
+
+    record = wait_until(finished, timeout, interval=0.5)
+    assert record, f"job {job_id} did not finish in {timeout} s:\n{server.log_tail()}"
+    return record
+
+
+def accuracy_over_http(server: ServerProcess, images: torch.Tensor, labels: torch.Tensor) -> float:
+    correct = 0
+    for image, label in zip(images, labels, strict=True):
+        response = post_png(server.url, png_of(image))
+        assert response.status_code == 200
+        correct += response.json()["digit"] == int(label)
+    return correct / len(labels)
+
+
+def stored_state(registry: Path) -> tuple[list[str], list[str]]:
+    return sorted(p.name for p in (registry / "jobs").iterdir()), sorted(p.name for p in (registry / "samples").iterdir())
+
+
+# ------------------------------------------------------------------ access
+
+
+def test_admin_disabled_without_a_token(start_server, registry_copy) -> None:  # noqa: ANN001
+    server = start_server(registry_copy.root, trainer_enabled="false")
+    response = requests.get(f"{server.url}/admin/models", headers=AUTH, timeout=10)
+    assert response.status_code == 403 and "DIGITS_ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_missing_or_wrong_token_is_401_and_predict_stays_open(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+    assert requests.get(f"{admin_server.url}/admin/models", timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{admin_server.url}/admin/models", headers=wrong, timeout=10).status_code == 401
+    assert requests.post(f"{admin_server.url}/admin/finetune", headers=wrong, json={}, timeout=10).status_code == 401
+    models = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
+    assert [m["version"] for m in models] == ["v0001"] and models[0]["active"]
+    assert post_png(admin_server.url, png_of(mnist_test[0][0])).status_code == 200
+    assert TOKEN not in admin_server.log_path.read_text()
+
+
+# ------------------------------------------------------------------ bad uploads store nothing
+
+
+def tar_of(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def zip_bomb() -> bytes:
+    """One member that inflates to 300 MB from a few hundred kB."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open("3/bomb.png", "w", force_zip64=True) as member:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(300):
+                member.write(chunk)
+    return buffer.getvalue()
+
+
+def bad_uploads(digit_png: bytes) -> dict[str, tuple[dict, int]]:
+    blank = png_of(np.zeros((28, 28), np.uint8))
+    encoded = base64.b64encode(digit_png).decode()
+    return {
+        "label_out_of_range": (dict(json={"samples": [{"image": encoded, "label": 10}]}), 422),
+        "undecodable_image": (dict(json={"samples": [{"image": encoded, "label": 1},
+                                                     {"image": base64.b64encode(b"junk").decode(), "label": 2}]}), 415),
+        "blank_image": (dict(json={"samples": [{"image": encoded, "label": 1},
+                                               {"image": base64.b64encode(blank).decode(), "label": 2}]}), 422),
+        "no_samples": (dict(json={"samples": []}), 422),
+        "bad_option": (dict(json={"samples": [{"image": encoded, "label": 1}], "epochs": 10_000}), 422),
+        "files_labels_mismatch": (dict(files=[("files", ("a.png", digit_png)), ("files", ("b.png", digit_png)),
+                                              ("labels", (None, "1"))]), 422),
+        "zip_path_traversal": (dict(files={"archive": ("d.zip", zip_of({"../../3/evil.png": digit_png}))}), 422),
+        "tar_absolute_path": (dict(files={"archive": ("d.tar.gz", tar_of({"/tmp/3/evil.png": digit_png}))}), 422),
+        "zip_not_digit_folder": (dict(files={"archive": ("d.zip", zip_of({"cats/a.png": digit_png}))}), 422),
+        "zip_bomb": (dict(files={"archive": ("bomb.zip", zip_bomb())}), 413),
+        "too_many_members": (dict(files={"archive": ("many.zip", zip_of({f"1/{i}.png": digit_png
+                                                                            for i in range(12)}))}), 413),
+        "not_an_archive": (dict(files={"archive": ("d.rar", b"Rar!\x1a\x07\x00 not really")}), 415),
+        "wrong_content_type": (dict(data=b"x", headers={"Content-Type": "text/plain"}), 415),
+        "feedback_source_without_feedback": (dict(json={"source": "feedback"}), 422),
+    }
+
+
+def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registry_copy, mnist_test) -> None:  # noqa: ANN001
+    server = start_server(registry_copy.root, admin_token=TOKEN, finetune_max_samples=10,
+                          finetune_max_archive_bytes=50 * 1024 * 1024, trainer_enabled="false")
+    digit = png_of(mnist_test[0][0])
+    for case, (kwargs, status) in bad_uploads(digit).items():
+        headers = {**AUTH, **kwargs.pop("headers", {})}
+        response = requests.post(f"{server.url}/admin/finetune", headers=headers, timeout=60, **kwargs)
+        assert response.status_code == status, (case, response.status_code, response.text)
+        assert response.json()["detail"], case
+    detail = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
+                           **bad_uploads(digit)["undecodable_image"][0]).json()["detail"]
+    assert "sample 1" in detail  # names the first bad sample
+    links = tar_of({"1/a.png": digit}, symlink="2/link.png")  # the link is ignored, the rest is fine
+    response = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
+                             files={"archive": ("ok.tar.gz", links)})
+    assert response.status_code == 202
+    jobs, samples = stored_state(registry_copy.root)
+    assert len(jobs) == 1 and len(samples) == 1  # only the one good upload
+    record = requests.get(f"{server.url}/admin/jobs/{response.json()['job_id']}", headers=AUTH, timeout=10).json()
+    assert record["samples"] == 1 and record["state"] == "queued"
+
+
+# ------------------------------------------------------------------ the real thing
+
+
+def test_domain_shift_finetune_under_load_hot_swaps_without_a_failed_request(
+    admin_server: ServerProcess, mnist_train, mnist_test  # noqa: ANN001
+) -> None:
+    train_images, train_labels = mnist_train
+    test_images, test_labels = mnist_test
+    shifted_eval = rotated(test_images[:300]), test_labels[:300]
+    before = accuracy_over_http(admin_server, *shifted_eval)
+
+    upload = {f"{int(label)}/{i}.png": png_of(image)
+              for i, (image, label) in enumerate(zip(rotated(train_images[-400:]), train_labels[-400:], strict=True))}
+    stop = threading.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set() and len(outcomes) < 20000:
+            try:
+                response = post_png(admin_server.url, png_of(test_images[i % 100]), timeout=30)
+                outcomes.append((response.status_code, response.json().get("model_version", "")))
+            except requests.RequestException as exc:
+                outcomes.append((0, repr(exc)))
+            i += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        response = requests.post(f"{admin_server.url}/admin/finetune", headers=AUTH, timeout=60,
+                                 files={"archive": ("rotated.zip", zip_of(upload))})
+        assert response.status_code == 202, response.text
+        accepted = response.json()
+        assert accepted["status_url"] == f"/admin/jobs/{accepted['job_id']}"
+        record = job_done(admin_server, accepted["job_id"])
+        time.sleep(2.5)  # every worker serves the new version within 2 s of promotion
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+    assert record["state"] == "succeeded", record
+    assert record["produced_version"] == "v0002" and record["parent_version"] == "v0001"
+    assert record["progress"]["epoch"] == record["options"]["epochs"]
+    drop = record["metrics_before"]["mnist_test_accuracy"] - record["metrics_after"]["mnist_test_accuracy"]
+    assert drop <= 0.005, record
+    assert record["metrics_after"]["holdout_accuracy"] >= record["metrics_before"]["holdout_accuracy"]
+
+    failures = [o for o in outcomes if o[0] != 200]
+    assert failures == [] and len(outcomes) > 50
+    versions = [v for _, v in outcomes]
+    assert versions[0] == "v0001" and "v0002" in versions
+    latest = [post_png(admin_server.url, png_of(test_images[i])).json()["model_version"] for i in range(10)]
+    assert set(latest) == {"v0002"}
+
+    after = accuracy_over_http(admin_server, *shifted_eval)
+    assert after - before >= 0.20, (before, after)
+    metrics = requests.get(f"{admin_server.url}/metrics", timeout=10).text
+    assert 'digits_model_info{runtime="onnxruntime",version="v0002"} 1.0' in metrics
+    models = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
+    assert [(m["version"], m["active"]) for m in models] == [("v0001", False), ("v0002", True)]
+    assert models[1]["job_id"] == accepted["job_id"] and models[1]["parent"] == "v0001"
+
+
+def test_rollback_and_roll_forward(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+    models = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
+    if len(models) < 2:
+        pytest.skip("needs the promoted version of the domain-shift test")
+    png = png_of(mnist_test[0][0])
+    for version in ("v0001", "v0002"):
+        response = requests.post(f"{admin_server.url}/admin/models/{version}/activate", headers=AUTH, timeout=10)
+        assert response.status_code == 200 and response.json()["active"] == version
+        assert wait_until(lambda v=version: post_png(admin_server.url, png).json()["model_version"] == v, 2.0,
+                          interval=0.05)
+    missing = requests.post(f"{admin_server.url}/admin/models/v0099/activate", headers=AUTH, timeout=10)
+    assert missing.status_code == 404
+
+
+def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+    active_before = requests.get(f"{admin_server.url}/ready", timeout=10).json()["model_version"]
+    rng = np.random.default_rng(0)
+    images, _ = mnist_test
+    samples = [{"image": base64.b64encode(png_of(images[i])).decode(), "label": int(rng.integers(0, 10))}
+               for i in range(60)]  # wrong labels: learning them hurts MNIST accuracy
+    response = requests.post(f"{admin_server.url}/admin/finetune", headers=AUTH, timeout=60,
+                              json={"samples": samples, "learning_rate": 0.01, "epochs": 10, "replay_ratio": 0})
+    assert response.status_code == 202
+    record = job_done(admin_server, response.json()["job_id"])
+    assert record["state"] == "rejected", record
+    assert "rejected" in record["message"] and record["produced_version"] is None
+    assert record["metrics_after"]["mnist_test_accuracy"] is not None
+    time.sleep(1)
+    assert requests.get(f"{admin_server.url}/ready", timeout=10).json()["model_version"] == active_before
+    versions = [m["version"] for m in requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()]
+    assert record["job_id"] not in str(versions)
+    assert len(requests.get(f"{admin_server.url}/admin/jobs", headers=AUTH, timeout=10).json()) >= 1
+
+
+def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+    images, labels = mnist_test
+    for i in range(3):
+        response = requests.post(f"{admin_server.url}/feedback", timeout=10,
+                                 files={"file": ("f.png", png_of(images[i]))}, data={"label": str(int(labels[i]))})
+        assert response.status_code == 201 and response.json()["label"] == int(labels[i])
+    response = requests.post(f"{admin_server.url}/feedback", timeout=10,
+                             json={"image": base64.b64encode(png_of(images[3])).decode(), "label": int(labels[3])})
+    assert response.json()["feedback_samples"] == 4
+    bad = requests.post(f"{admin_server.url}/feedback", timeout=10, files={"file": ("f.png", png_of(images[0]))},
+                        data={"label": "12"})
+    assert bad.status_code == 422
+    response = requests.post(f"{admin_server.url}/admin/finetune", headers=AUTH, timeout=30,
+                             json={"source": "feedback", "epochs": 1})
+    assert response.status_code == 202
+    record = requests.get(f"{admin_server.url}{response.json()['status_url']}", headers=AUTH, timeout=10).json()
+    assert record["samples"] == 4 and record["source"] == "feedback"
+    assert job_done(admin_server, record["job_id"])["state"] in ("succeeded", "rejected")
+
+
+def test_restart_marks_the_interrupted_job_failed_and_keeps_the_queue(start_server, registry_copy,
+                                                                     mnist_test) -> None:  # noqa: ANN001
+    images, labels = mnist_test
+    samples = [{"image": base64.b64encode(png_of(images[i])).decode(), "label": int(labels[i])} for i in range(200)]
+    server = start_server(registry_copy.root, admin_token=TOKEN)
+    long_job = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
+                             json={"samples": samples, "epochs": 50}).json()
+    short_job = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
+                              json={"samples": samples[:20], "epochs": 1}).json()
+    assert short_job["queued_behind"] == 1 and "queued behind" in short_job["message"]
+    assert wait_until(lambda: requests.get(f"{server.url}/admin/jobs/{long_job['job_id']}", headers=AUTH,
+                                           timeout=10).json()["state"] == "running", 120)
+    server.kill_group()  # a crash: every process at once
+
+    restarted = start_server(registry_copy.root, admin_token=TOKEN)
+    record = job_done(restarted, long_job["job_id"], timeout=60)
+    assert record["state"] == "failed" and "interrupted" in record["message"]
+    assert job_done(restarted, short_job["job_id"])["state"] in ("succeeded", "rejected")
+    unknown = requests.get(f"{restarted.url}/admin/jobs/nosuchjob", headers=AUTH, timeout=10)
+    assert unknown.status_code == 404
