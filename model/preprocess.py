@@ -127,8 +127,8 @@ def center_in_field(digit: np.ndarray) -> np.ndarray:
     rows, cols = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
     cy = float(digit.sum(axis=1) @ rows) / total
     cx = float(digit.sum(axis=0) @ cols) / total
-    top = int(round((FIELD - 1) / 2 - cy))
-    left = int(round((FIELD - 1) / 2 - cx))
+    top = round((FIELD - 1) / 2 - cy)
+    left = round((FIELD - 1) / 2 - cx)
     top = min(max(top, 0), FIELD - height)  # keep the whole digit in view
     left = min(max(left, 0), FIELD - width)
     field = np.zeros((FIELD, FIELD), dtype=np.float32)

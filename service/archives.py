@@ -94,7 +94,7 @@ def _zip_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, bytes
 
 def _tar_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, bytes]]:
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ClientError(422, "corrupt_archive", f"the tar archive could not be read: {exc}") from None
     with archive:

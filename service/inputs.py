@@ -73,9 +73,12 @@ def decode_base64(text: str, field: str = "image") -> bytes:
 
 async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000):
     try:
-        return await request.form(max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes)
+        return await request.form(
+            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
+        )
     except MultiPartException as exc:
-        raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc.message}") from None
+        detail = f"the multipart body could not be parsed: {exc.message}"
+        raise ClientError(422, "malformed_multipart", detail) from None
 
 
 def media_type(request: Request) -> str:

@@ -151,7 +151,8 @@ def choose_runtime(
         compiled.warm_up([largest])
     except Exception as exc:
         log.exception("torch.compile failed; falling back to ONNX Runtime")
-        return Choice(open_onnx(registry, version, threads, device, data_dir), f"torch.compile failed ({exc}); fallback")
+        return Choice(open_onnx(registry, version, threads, device, data_dir),
+                      f"torch.compile failed ({exc}); fallback")
     if mode == "auto" and not device.startswith("cuda"):
         onnx_runtime = open_onnx(registry, version, threads, device, data_dir)
         timings = {
@@ -168,5 +169,6 @@ def choose_runtime(
         compiled.warm_up([b for b in buckets if b != largest])
     except Exception as exc:
         log.exception("torch.compile failed during warm-up; falling back to ONNX Runtime")
-        return Choice(open_onnx(registry, version, threads, device, data_dir), f"torch.compile failed ({exc}); fallback")
+        return Choice(open_onnx(registry, version, threads, device, data_dir),
+                      f"torch.compile failed ({exc}); fallback")
     return Choice(compiled, reason)

@@ -45,7 +45,9 @@ class FinetuneOptions(BaseModel):
     batch_size: int = Field(64, ge=8, le=512)
     replay_ratio: float = Field(1.0, ge=0, le=10, description="MNIST replay samples per uploaded sample")
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5, description="share of the upload kept for the gate")
-    max_accuracy_drop: float = Field(0.005, ge=0, le=0.1, description="allowed MNIST test accuracy drop (0.005 = 0.5 points)")
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, le=0.1, description="allowed MNIST test accuracy drop (0.005 = 0.5 points)"
+    )
     seed: int = Field(0, ge=0)
 
 

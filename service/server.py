@@ -46,7 +46,7 @@ class DigitServer(ls.LitServer):
         """Open the port at once: /health answers and /ready says 503 while workers warm up.
         A worker whose setup fails exits, and the monitor below then shuts the server down."""
 
-    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:  # noqa: ANN001
+    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
         """Replaces LitServe's monitor, which polls the manager until it crashes at shutdown.
         A dead inference worker stops the whole server through the same path as SIGTERM:
         never a half-working server."""
@@ -63,7 +63,7 @@ class DigitServer(ls.LitServer):
 
         threading.Thread(target=monitor, name="digits-worker-monitor", daemon=True).start()
 
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:  # noqa: ANN001
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
         stopping = getattr(self, "_stopping", None)
         if stopping is not None:
             stopping.set()

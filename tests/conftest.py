@@ -189,7 +189,7 @@ def post_png(url: str, png: bytes, timeout: float = 30.0, **kwargs) -> requests.
     return requests.post(f"{url}/predict", files={"file": ("digit.png", png, "image/png")}, timeout=timeout, **kwargs)
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.2):  # noqa: ANN001, ANN201
+def wait_until(predicate, timeout: float, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

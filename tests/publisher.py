@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.nets import build  # noqa: E402
-from model.registry import Registry  # noqa: E402
+from model.nets import build
+from model.registry import Registry
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def rotated(images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def admin_server(base_registry, tmp_path_factory) -> ServerProcess:  # noqa: ANN001
+def admin_server(base_registry, tmp_path_factory) -> ServerProcess:
     root = tmp_path_factory.mktemp("admin")
     registry = copy_registry(base_registry, root / "registry")
     server = ServerProcess(registry.root, env={"DIGITS_ADMIN_TOKEN": TOKEN, "DIGITS_API_SERVERS": "2"})
@@ -57,19 +57,20 @@ def accuracy_over_http(server: ServerProcess, images: torch.Tensor, labels: torc
 
 
 def stored_state(registry: Path) -> tuple[list[str], list[str]]:
-    return sorted(p.name for p in (registry / "jobs").iterdir()), sorted(p.name for p in (registry / "samples").iterdir())
+    jobs = sorted(p.name for p in (registry / "jobs").iterdir())
+    return jobs, sorted(p.name for p in (registry / "samples").iterdir())
 
 
 # ------------------------------------------------------------------ access
 
 
-def test_admin_disabled_without_a_token(start_server, registry_copy) -> None:  # noqa: ANN001
+def test_admin_disabled_without_a_token(start_server, registry_copy) -> None:
     server = start_server(registry_copy.root, trainer_enabled="false")
     response = requests.get(f"{server.url}/admin/models", headers=AUTH, timeout=10)
     assert response.status_code == 403 and "DIGITS_ADMIN_TOKEN" in response.json()["detail"]
 
 
-def test_missing_or_wrong_token_is_401_and_predict_stays_open(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_missing_or_wrong_token_is_401_and_predict_stays_open(admin_server: ServerProcess, mnist_test) -> None:
     assert requests.get(f"{admin_server.url}/admin/models", timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
     assert requests.get(f"{admin_server.url}/admin/models", headers=wrong, timeout=10).status_code == 401
@@ -134,7 +135,7 @@ def bad_uploads(digit_png: bytes) -> dict[str, tuple[dict, int]]:
     }
 
 
-def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registry_copy, mnist_test) -> None:  # noqa: ANN001
+def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registry_copy, mnist_test) -> None:
     server = start_server(registry_copy.root, admin_token=TOKEN, finetune_max_samples=10,
                           finetune_max_archive_bytes=50 * 1024 * 1024, trainer_enabled="false")
     digit = png_of(mnist_test[0][0])
@@ -160,7 +161,7 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registr
 
 
 def test_domain_shift_finetune_under_load_hot_swaps_without_a_failed_request(
-    admin_server: ServerProcess, mnist_train, mnist_test  # noqa: ANN001
+    admin_server: ServerProcess, mnist_train, mnist_test
 ) -> None:
     train_images, train_labels = mnist_train
     test_images, test_labels = mnist_test
@@ -221,7 +222,7 @@ def test_domain_shift_finetune_under_load_hot_swaps_without_a_failed_request(
     assert models[1]["job_id"] == accepted["job_id"] and models[1]["parent"] == "v0001"
 
 
-def test_rollback_and_roll_forward(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_rollback_and_roll_forward(admin_server: ServerProcess, mnist_test) -> None:
     models = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
     if len(models) < 2:
         pytest.skip("needs the promoted version of the domain-shift test")
@@ -235,7 +236,7 @@ def test_rollback_and_roll_forward(admin_server: ServerProcess, mnist_test) -> N
     assert missing.status_code == 404
 
 
-def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist_test) -> None:
     active_before = requests.get(f"{admin_server.url}/ready", timeout=10).json()["model_version"]
     rng = np.random.default_rng(0)
     images, _ = mnist_test
@@ -255,7 +256,7 @@ def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist
     assert len(requests.get(f"{admin_server.url}/admin/jobs", headers=AUTH, timeout=10).json()) >= 1
 
 
-def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) -> None:
     images, labels = mnist_test
     for i in range(3):
         response = requests.post(f"{admin_server.url}/feedback", timeout=10,
@@ -276,7 +277,7 @@ def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) 
 
 
 def test_restart_marks_the_interrupted_job_failed_and_keeps_the_queue(start_server, registry_copy,
-                                                                     mnist_test) -> None:  # noqa: ANN001
+                                                                     mnist_test) -> None:
     images, labels = mnist_test
     samples = [{"image": base64.b64encode(png_of(images[i])).decode(), "label": int(labels[i])} for i in range(200)]
     server = start_server(registry_copy.root, admin_token=TOKEN)

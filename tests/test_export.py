@@ -14,7 +14,7 @@ from model.publish import ensure_onnx, export_version
 from model.registry import Registry
 
 
-def test_export_parity_metadata_and_dynamic_batch(base_registry, mnist_test, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_parity_metadata_and_dynamic_batch(base_registry, mnist_test, tmp_path: Path) -> None:
     model, manifest = base_registry.load_model()
     path = tmp_path / "model.onnx"
     diff = export_with_parity(model, path, manifest.version, manifest.arch, mnist_test[0][:1000])
@@ -31,7 +31,7 @@ def test_export_parity_metadata_and_dynamic_batch(base_registry, mnist_test, tmp
         assert out.shape == (batch, 10)
 
 
-def test_parity_check_fails_loudly_on_a_different_model(base_registry, mnist_test, tmp_path: Path) -> None:  # noqa: ANN001
+def test_parity_check_fails_loudly_on_a_different_model(base_registry, mnist_test, tmp_path: Path) -> None:
     model, manifest = base_registry.load_model()
     path = tmp_path / "model.onnx"
     export_with_parity(model, path, manifest.version, manifest.arch, mnist_test[0][:100])
@@ -39,7 +39,7 @@ def test_parity_check_fails_loudly_on_a_different_model(base_registry, mnist_tes
         check_parity(build(manifest.arch), path, mnist_test[0][:100])
 
 
-def test_every_published_version_has_a_parity_checked_onnx(base_registry) -> None:  # noqa: ANN001
+def test_every_published_version_has_a_parity_checked_onnx(base_registry) -> None:
     for manifest in base_registry.list_versions():
         assert "model.onnx" in manifest.files
         assert base_registry.verify_artifact(manifest.version, "model.onnx")

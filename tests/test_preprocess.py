@@ -27,7 +27,7 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def dark_on_light(digit: np.ndarray, scale: int = 3, canvas=(150, 170), at=(10, 70)) -> np.ndarray:  # noqa: ANN001
+def dark_on_light(digit: np.ndarray, scale: int = 3, canvas=(150, 170), at=(10, 70)) -> np.ndarray:
     """An MNIST digit as ink on paper: inverted, scaled up, pasted off-centre on white."""
     big = np.array(Image.fromarray(255 - digit).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR))
     paper = np.full(canvas, 255, dtype=np.uint8)
@@ -35,17 +35,17 @@ def dark_on_light(digit: np.ndarray, scale: int = 3, canvas=(150, 170), at=(10, 
     return paper
 
 
-def predict(model, digits: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def predict(model, digits: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(normalize(torch.from_numpy(digits))).argmax(1).numpy()
 
 
 @pytest.fixture(scope="module")
-def model(base_registry):  # noqa: ANN001, ANN201
+def model(base_registry):
     return base_registry.load_model()[0]
 
 
-def test_dark_on_light_off_centre_3x_matches_raw_accuracy(model, mnist_test) -> None:  # noqa: ANN001
+def test_dark_on_light_off_centre_3x_matches_raw_accuracy(model, mnist_test) -> None:
     images, labels = mnist_test
     n = 1000
     raw = images[:n].numpy()
@@ -55,21 +55,21 @@ def test_dark_on_light_off_centre_3x_matches_raw_accuracy(model, mnist_test) -> 
     assert rendered_accuracy >= raw_accuracy - 0.005, (raw_accuracy, rendered_accuracy)
 
 
-def test_mnist_png_round_trip_keeps_accuracy(model, mnist_test) -> None:  # noqa: ANN001
+def test_mnist_png_round_trip_keeps_accuracy(model, mnist_test) -> None:
     images, labels = mnist_test
     raw = images[:500].numpy()
     processed = np.stack([prepare_digit(encode(Image.fromarray(d))) for d in raw])
     assert (predict(model, processed) == labels[:500].numpy()).mean() >= 0.985
 
 
-def reference_digit(mnist_test) -> tuple[np.ndarray, int]:  # noqa: ANN001
+def reference_digit(mnist_test) -> tuple[np.ndarray, int]:
     images, labels = mnist_test
     return images[0].numpy(), int(labels[0])
 
 
 @pytest.mark.parametrize("variant", ["rgba_canvas", "palette", "gray16", "rgb_jpeg", "exif_rotated", "tiny", "huge",
                                      "bmp", "gif", "webp", "tiff"])
-def test_image_variants_are_read_as_the_same_digit(variant: str, model, mnist_test) -> None:  # noqa: ANN001
+def test_image_variants_are_read_as_the_same_digit(variant: str, model, mnist_test) -> None:
     digit, label = reference_digit(mnist_test)
     paper = dark_on_light(digit)
     if variant == "rgba_canvas":  # a canvas drawing: black strokes on a transparent background
@@ -96,7 +96,7 @@ def test_image_variants_are_read_as_the_same_digit(variant: str, model, mnist_te
     assert predict(model, prepare_digit(data)[None])[0] == label
 
 
-def test_output_is_centred_mnist_style(mnist_test) -> None:  # noqa: ANN001
+def test_output_is_centred_mnist_style(mnist_test) -> None:
     digit, _ = reference_digit(mnist_test)
     out = prepare_digit(encode(Image.fromarray(dark_on_light(digit, at=(0, 0)))))
     assert out.shape == (28, 28) and out.dtype == np.uint8

@@ -15,7 +15,7 @@ from service.settings import Settings
 from tests.conftest import png_of, post_png, wait_until
 
 
-def digits_from(url: str, images) -> list[int]:  # noqa: ANN001
+def digits_from(url: str, images) -> list[int]:
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda image: post_png(url, png_of(image)), images))
     assert all(r.status_code == 200 for r in responses)
@@ -23,7 +23,7 @@ def digits_from(url: str, images) -> list[int]:  # noqa: ANN001
 
 
 def test_torch_and_onnx_modes_agree_and_torch_swaps_weights_in_place(start_server, registry_copy, data_dir,
-                                                                      mnist_test) -> None:  # noqa: ANN001
+                                                                      mnist_test) -> None:
     images = mnist_test[0][:200]
     torch_server = start_server(registry_copy.root, runtime="torch", max_batch_size=4, trainer_enabled="false")
     onnx_server = start_server(registry_copy.root, runtime="onnx", trainer_enabled="false")
@@ -47,7 +47,7 @@ def test_torch_and_onnx_modes_agree_and_torch_swaps_weights_in_place(start_serve
     assert post_png(torch_server.url, png).json()["runtime"] == "torch-compile"  # same compiled module
 
 
-def test_compile_failure_at_warm_up_serves_through_onnx(start_server, registry_copy, mnist_test) -> None:  # noqa: ANN001
+def test_compile_failure_at_warm_up_serves_through_onnx(start_server, registry_copy, mnist_test) -> None:
     server = start_server(registry_copy.root, runtime="auto", test_fail_compile="true", trainer_enabled="false")
     response = post_png(server.url, png_of(mnist_test[0][0]))
     assert response.status_code == 200 and response.json()["runtime"] == "onnxruntime"
@@ -57,7 +57,7 @@ def test_compile_failure_at_warm_up_serves_through_onnx(start_server, registry_c
 
 
 def test_compile_failure_while_serving_falls_back_to_onnx(registry_copy, data_dir: Path, mnist_test,
-                                                        tmp_path: Path) -> None:  # noqa: ANN001
+                                                        tmp_path: Path) -> None:
     settings = Settings(registry=registry_copy.root, data_dir=data_dir, runtime="torch", max_batch_size=1,
                         run_dir=tmp_path)
     holder = ModelHolder(settings, "cpu", worker_id=0)
@@ -71,7 +71,7 @@ def test_compile_failure_while_serving_falls_back_to_onnx(registry_copy, data_di
     assert "while serving" in holder.reason
 
 
-def test_missing_onnx_is_re_exported_at_startup(start_server, registry_copy, mnist_test) -> None:  # noqa: ANN001
+def test_missing_onnx_is_re_exported_at_startup(start_server, registry_copy, mnist_test) -> None:
     registry_copy.onnx_path("v0001").unlink()
     server = start_server(registry_copy.root, runtime="onnx", trainer_enabled="false")
     assert post_png(server.url, png_of(mnist_test[0][0])).json()["digit"] == int(mnist_test[1][0])

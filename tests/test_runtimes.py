@@ -12,13 +12,13 @@ from model.data import normalize
 from service.runtimes import CompiledTorchRuntime, OnnxRuntime
 
 
-def eager_probabilities(model, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def eager_probabilities(model, pixels: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return torch.softmax(model(normalize(torch.from_numpy(pixels))), 1).numpy()
 
 
 def test_compiled_runtime_reuses_bucket_graphs_and_swaps_weights_without_recompiling(
-    base_registry, mnist_test  # noqa: ANN001
+    base_registry, mnist_test
 ) -> None:
     torch._dynamo.reset()
     model, manifest = base_registry.load_model()
@@ -42,7 +42,7 @@ def test_compiled_runtime_reuses_bucket_graphs_and_swaps_weights_without_recompi
     assert counters["stats"]["unique_graphs"] == compiled_after_warmup
 
 
-def test_onnx_runtime_matches_eager_torch(base_registry, mnist_test) -> None:  # noqa: ANN001
+def test_onnx_runtime_matches_eager_torch(base_registry, mnist_test) -> None:
     model, manifest = base_registry.load_model()
     runtime = OnnxRuntime(base_registry.onnx_path(manifest.version), manifest.version, manifest.arch, threads=1)
     pixels = mnist_test[0][:64].numpy()

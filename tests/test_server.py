@@ -21,7 +21,7 @@ from tests.conftest import ServerProcess, copy_registry, png_of, post_png
 
 
 @pytest.fixture(scope="module")
-def server(base_registry, tmp_path_factory) -> ServerProcess:  # noqa: ANN001
+def server(base_registry, tmp_path_factory) -> ServerProcess:
     root = tmp_path_factory.mktemp("server")
     registry = copy_registry(base_registry, root / "registry")
     proc = ServerProcess(registry.root, env={"DIGITS_API_SERVERS": "2", "DIGITS_MAX_BODY_BYTES": str(5 * 1024 * 1024)})
@@ -30,7 +30,7 @@ def server(base_registry, tmp_path_factory) -> ServerProcess:  # noqa: ANN001
     proc.stop()
 
 
-def test_200_mnist_test_pngs_are_classified(server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_200_mnist_test_pngs_are_classified(server: ServerProcess, mnist_test) -> None:
     images, labels = mnist_test
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda i: post_png(server.url, png_of(images[i])), range(200)))
@@ -46,7 +46,7 @@ def test_200_mnist_test_pngs_are_classified(server: ServerProcess, mnist_test) -
     assert responses[0].headers["x-request-id"] == first["request_id"]
 
 
-def test_json_base64_and_data_url(server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_json_base64_and_data_url(server: ServerProcess, mnist_test) -> None:
     images, labels = mnist_test
     encoded = base64.b64encode(png_of(images[1])).decode()
     for image in (encoded, "data:image/png;base64," + encoded):
@@ -54,7 +54,7 @@ def test_json_base64_and_data_url(server: ServerProcess, mnist_test) -> None:  #
         assert response.status_code == 200 and response.json()["digit"] == int(labels[1])
 
 
-def test_client_request_id_is_echoed(server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_client_request_id_is_echoed(server: ServerProcess, mnist_test) -> None:
     response = post_png(server.url, png_of(mnist_test[0][2]), headers={"X-Request-ID": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42" and response.json()["request_id"] == "trace-42"
 
@@ -93,12 +93,12 @@ def test_bad_input_gets_a_clear_4xx_json(server: ServerProcess, case: str) -> No
     assert body["error"] and body["detail"] and body["request_id"] == response.headers["x-request-id"]
 
 
-def test_bad_request_never_fails_its_batch_neighbours(server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_bad_request_never_fails_its_batch_neighbours(server: ServerProcess, mnist_test) -> None:
     images, labels = mnist_test
     for _round in range(3):
         barrier = threading.Barrier(8)
 
-        def send(i: int) -> requests.Response:
+        def send(i: int, barrier: threading.Barrier = barrier) -> requests.Response:
             barrier.wait()
             if i == 3:
                 return requests.post(f"{server.url}/predict", files={"file": ("g.png", b"\x89PNG garbage")}, timeout=30)
@@ -134,7 +134,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics_add_up_across_processes(server: ServerProcess, mnist_test) -> None:  # noqa: ANN001
+def test_metrics_add_up_across_processes(server: ServerProcess, mnist_test) -> None:
     before = requests.get(f"{server.url}/metrics", timeout=5).text
     n = 40
     with ThreadPoolExecutor(8) as pool:
@@ -155,7 +155,7 @@ def test_metrics_add_up_across_processes(server: ServerProcess, mnist_test) -> N
 
 
 def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, tmp_path: Path,
-                                                               mnist_test) -> None:  # noqa: ANN001
+                                                               mnist_test) -> None:
     registry = copy_registry(base_registry, tmp_path / "registry")
     server = ServerProcess(registry.root).start(tmp_path, wait_ready=0)
     try:

@@ -8,7 +8,7 @@ from model.nets import build
 from model.train import TrainConfig, evaluate, train
 
 
-def test_one_epoch_on_10k_images_beats_95_percent(mnist_train, mnist_test) -> None:  # noqa: ANN001
+def test_one_epoch_on_10k_images_beats_95_percent(mnist_train, mnist_test) -> None:
     images, labels = mnist_train
     model = build("digitnet")
     history = train(model, images[:10000], labels[:10000], TrainConfig(epochs=1, seed=1), show_progress=False)
@@ -19,7 +19,7 @@ def test_one_epoch_on_10k_images_beats_95_percent(mnist_train, mnist_test) -> No
     assert len(result.per_class_accuracy) == 10
 
 
-def test_training_is_reproducible_with_a_seed(mnist_train) -> None:  # noqa: ANN001
+def test_training_is_reproducible_with_a_seed(mnist_train) -> None:
     images, labels = mnist_train
     config = TrainConfig(epochs=1, seed=3, augment=True)
     initial = build("simplenet")
