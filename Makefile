@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run test lint loadtest bench bench-finetune gpu-bench clean
+.PHONY: install data train retrain run test lint loadtest bench bench-finetune bench-runtimes gpu-bench clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -53,6 +53,9 @@ bench: train
 bench-finetune: train
 	@command -v hey >/dev/null || (echo "==> installing the load generator hey" && apt-get install -y hey)
 	$(PY) -m loadtest.finetune_bench
+
+bench-runtimes: train
+	$(PY) -m loadtest.runtime_bench
 
 gpu-bench:
 	bash loadtest/gpu_bench.sh

@@ -41,6 +41,10 @@ model_info = Gauge(
     "digits_model_info", "1 for the model version and runtime a worker serves", ["version", "runtime"],
     multiprocess_mode="livemax",
 )
+runtime_info = Gauge(
+    "digits_runtime_info", "1 for the runtime a worker uses and why (configured, measured, cuda, fallback)",
+    ["runtime", "reason"], multiprocess_mode="livemax",
+)
 model_swaps = Counter("digits_model_swaps", "Hot swaps to a new model version", ["runtime"])
 runtime_fallbacks = Counter("digits_runtime_fallbacks", "Switches from torch.compile to ONNX Runtime")
 finetune_jobs = Counter("digits_finetune_jobs", "Fine-tune jobs finished", ["state"])
@@ -57,6 +61,12 @@ def render() -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry)
+
+
+def set_runtime_info(runtime: str, reason: str, previous: tuple[str, str] | None = None) -> None:
+    if previous is not None and previous != (runtime, reason):
+        runtime_info.labels(*previous).set(0)
+    runtime_info.labels(runtime, reason).set(1)
 
 
 def set_model_info(version: str, runtime: str, previous: tuple[str, str] | None = None) -> None:

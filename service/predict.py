@@ -55,12 +55,13 @@ class ModelHolder:
         if version is None:
             raise RuntimeError(f"registry {settings.registry} has no active version; run `make train` first")
         choice = choose_runtime(
-            self.registry, version, settings.runtime, device, settings.buckets(), settings.worker_threads,
+            self.registry, version, settings.runtime, device, settings.buckets(), settings.inference_threads(),
             settings.warmup_measure_runs, fail_compile=settings.test_fail_compile, data_dir=settings.data_dir,
         )
         self.runtime: Runtime = choice.runtime
-        self.reason = choice.reason
+        self.reason, self.reason_code = choice.reason, choice.code
         metrics.set_model_info(self.runtime.version, self.runtime.name)
+        metrics.set_runtime_info(self.runtime.name, self.reason_code)
         log.info(
             "worker %s serves %s on %s with %s (%s)", worker_id, version, device, self.runtime.name, self.reason
         )
@@ -90,8 +91,10 @@ class ModelHolder:
 
     def _fall_back_to_onnx(self, reason: str) -> Runtime:
         previous = (self.runtime.version, self.runtime.name)
-        self.runtime = open_onnx(self.registry, self.runtime.version, self.settings.worker_threads, self.device)
-        self.reason = reason
+        self.runtime = open_onnx(self.registry, self.runtime.version, self.settings.inference_threads(), self.device,
+                                 self.settings.data_dir)
+        metrics.set_runtime_info(self.runtime.name, "fallback", (previous[1], self.reason_code))
+        self.reason, self.reason_code = reason, "fallback"
         metrics.runtime_fallbacks.inc()
         metrics.set_model_info(self.runtime.version, self.runtime.name, previous)
         write_readiness(self.settings, self.worker_id, self)
@@ -127,7 +130,8 @@ class ModelHolder:
             with self.lock:
                 self.runtime = replacement
         else:
-            replacement = open_onnx(self.registry, version, self.settings.worker_threads, self.device)
+            replacement = open_onnx(self.registry, version, self.settings.inference_threads(), self.device,
+                                    self.settings.data_dir)
             with self.lock:
                 self.runtime = replacement
         self.marker = marker
@@ -172,7 +176,7 @@ class PredictAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         configure_logging(self.settings.log_level)
-        torch.set_num_threads(self.settings.worker_threads)
+        torch.set_num_threads(self.settings.inference_threads())
         worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         self.holder = ModelHolder(self.settings, resolve_device(self.settings.device, device), worker_id)
         write_readiness(self.settings, worker_id, self.holder)

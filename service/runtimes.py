@@ -121,7 +121,8 @@ def time_runtime(runtime: Runtime, batch: int, runs: int) -> float:
 @dataclass
 class Choice:
     runtime: Runtime
-    reason: str
+    reason: str  # for people: logs and /ready
+    code: str  # for /metrics: configured | measured | cuda | fallback
 
 
 def open_onnx(
@@ -143,7 +144,7 @@ def choose_runtime(
     faster at warm-up. Whenever compiling fails, ONNX Runtime serves instead.
     """
     if mode == "onnx":
-        return Choice(open_onnx(registry, version, threads, device, data_dir), "DIGITS_RUNTIME=onnx")
+        return Choice(open_onnx(registry, version, threads, device, data_dir), "DIGITS_RUNTIME=onnx", "configured")
     model, manifest = registry.load_model(version)
     try:
         compiled = CompiledTorchRuntime(model, version, manifest.arch, device, buckets, fail_compile)
@@ -152,7 +153,7 @@ def choose_runtime(
     except Exception as exc:
         log.exception("torch.compile failed; falling back to ONNX Runtime")
         return Choice(open_onnx(registry, version, threads, device, data_dir),
-                      f"torch.compile failed ({exc}); fallback")
+                      f"torch.compile failed ({exc}); fallback", "fallback")
     if mode == "auto" and not device.startswith("cuda"):
         onnx_runtime = open_onnx(registry, version, threads, device, data_dir)
         timings = {
@@ -161,14 +162,14 @@ def choose_runtime(
         }
         figures = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
         if timings[OnnxRuntime.name] < timings[CompiledTorchRuntime.name]:
-            return Choice(onnx_runtime, f"auto on CPU: measured batch 1 + batch {largest}: {figures}")
-        reason = f"auto on CPU: measured batch 1 + batch {largest}: {figures}"
+            return Choice(onnx_runtime, f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured")
+        reason, code = f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured"
     else:
-        reason = "auto on CUDA" if mode == "auto" else "DIGITS_RUNTIME=torch"
+        reason, code = ("auto on CUDA", "cuda") if mode == "auto" else ("DIGITS_RUNTIME=torch", "configured")
     try:
         compiled.warm_up([b for b in buckets if b != largest])
     except Exception as exc:
         log.exception("torch.compile failed during warm-up; falling back to ONNX Runtime")
         return Choice(open_onnx(registry, version, threads, device, data_dir),
-                      f"torch.compile failed ({exc}); fallback")
-    return Choice(compiled, reason)
+                      f"torch.compile failed ({exc}); fallback", "fallback")
+    return Choice(compiled, reason, code)

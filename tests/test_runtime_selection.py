@@ -54,6 +54,8 @@ def test_compile_failure_at_warm_up_serves_through_onnx(start_server, registry_c
     assert response.json()["digit"] == int(mnist_test[1][0])
     ready = requests.get(f"{server.url}/ready", timeout=5).json()
     assert "torch.compile failed" in ready["runtime_reason"]
+    metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+    assert 'digits_runtime_info{reason="fallback",runtime="onnxruntime"} 1.0' in metrics
 
 
 def test_compile_failure_while_serving_falls_back_to_onnx(registry_copy, data_dir: Path, mnist_test,

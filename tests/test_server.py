@@ -152,6 +152,7 @@ def test_metrics_add_up_across_processes(server: ServerProcess, mnist_test) -> N
     assert delta("digits_queue_wait_seconds_count") == n
     assert delta("digits_http_request_duration_seconds_count", route="/predict") == n + 1
     assert metric(after, "digits_model_info", version="v0001", runtime="onnxruntime") == 1
+    assert metric(after, "digits_runtime_info", runtime="onnxruntime", reason="configured") == 1
 
 
 def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, tmp_path: Path,

@@ -1,0 +1,81 @@
+"""`make bench-runtimes`: per-batch latency of eager torch, torch.compile and ONNX Runtime.
+
+Same model (the active version), same inputs, in one process; the median of many timed
+runs after warm-up, at batch 1, 8 and 64, with ratios to eager torch.
+
+    python -m loadtest.runtime_bench [--threads N] [--runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model.registry import Registry
+from service.runtimes import CompiledTorchRuntime, OnnxRuntime, ProbabilityHead
+
+BATCHES = (1, 8, 64)
+
+
+class EagerRuntime:
+    name = "torch eager"
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.head = ProbabilityHead(net).eval()
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.head(torch.from_numpy(pixels)).numpy()
+
+
+def median_ms(runtime, pixels: np.ndarray, runs: int) -> float:
+    for _ in range(5):
+        runtime.probabilities(pixels)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runtime.probabilities(pixels)
+        samples.append(time.perf_counter() - started)
+    return float(np.median(samples)) * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default=os.environ.get("DIGITS_REGISTRY", "registry"))
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    registry = Registry(args.registry)
+    model, manifest = registry.load_model()
+    eager_model, _ = registry.load_model()
+    print(f"{manifest.version} ({manifest.arch}), {args.threads} thread(s), median of {args.runs} runs; "
+          "compiling the batch sizes first ...", flush=True)
+    runtimes = [
+        EagerRuntime(eager_model),
+        CompiledTorchRuntime(model, manifest.version, manifest.arch, "cpu", list(BATCHES)),
+        OnnxRuntime(registry.onnx_path(manifest.version), manifest.version, manifest.arch, threads=args.threads),
+    ]
+    runtimes[1].warm_up()
+    names = ["torch eager", "torch.compile", "onnxruntime"]
+    rng = np.random.default_rng(0)
+    table = {}
+    for batch in BATCHES:
+        pixels = rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8)
+        table[batch] = [median_ms(runtime, pixels, args.runs) for runtime in runtimes]
+    header = "".join(f"{n + ' ms':>18}" for n in names) + "".join(f"{'x ' + n:>18}" for n in names[1:])
+    print(f"\n{'batch':>5} {header}")
+    for batch, times in table.items():
+        print(f"{batch:>5} " + "".join(f"{t:>18.3f}" for t in times)
+              + "".join(f"{times[0] / t:>17.1f}x" for t in times[1:]))
+    print("(x = how many times faster than eager torch)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
