@@ -22,7 +22,7 @@ import numpy as np
 import requests
 
 from loadtest.bench import hey, multipart_body
-from loadtest.serverctl import ROOT, service
+from loadtest.serverctl import ROOT, private_registry, service
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
 
@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each latency measurement")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--registry", type=Path, default=Path("registry"), help="copied; never changed")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
     args.reports.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,9 @@ def main() -> int:
     token = secrets.token_urlsafe(16)
     upload = rotated_upload(args.data_dir, args.samples)
     print("starting the service with default settings ...", flush=True)
-    with service(PORT, log_path=args.reports / "bench-finetune.log", admin_token=token, access_log="false"):
+    registry = private_registry(args.registry, args.reports / "bench-finetune-registry")
+    with service(PORT, log_path=args.reports / "bench-finetune.log", admin_token=token, access_log="false",
+                 registry=str(registry)):
         hey(f"{URL}/predict", body, args.clients, 2)
         _, _, idle_p99, _, _ = hey(f"{URL}/predict", body, args.clients, args.seconds)
         print(f"idle: p99 {idle_p99:.1f} ms at {args.clients} clients", flush=True)

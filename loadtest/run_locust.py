@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.serverctl import ROOT, is_up, service
+from loadtest.serverctl import ROOT, is_up, private_registry, service
 
 
 def main() -> int:
@@ -35,8 +35,11 @@ def main() -> int:
             print(f"using the server already running at {args.host}")
         else:
             env.setdefault("DIGITS_ADMIN_TOKEN", secrets.token_urlsafe(16))
-            print(f"starting the service on port {port} (stopped when the load test ends) ...", flush=True)
-            stack.enter_context(service(port, log_path=args.reports / "loadtest-server.log",
+            registry = private_registry(Path(os.environ.get("DIGITS_REGISTRY", "registry")),
+                                        args.reports / "loadtest-registry")
+            print(f"starting the service on port {port} with a copy of the registry in {registry} "
+                  "(stopped when the load test ends) ...", flush=True)
+            stack.enter_context(service(port, log_path=args.reports / "loadtest-server.log", registry=str(registry),
                                         admin_token=env["DIGITS_ADMIN_TOKEN"], access_log="false"))
         command = [
             sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,22 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def private_registry(source: Path, target: Path) -> Path:
+    """A copy of the source registry's active version, so a load test's fine-tunes never touch
+    the registry people serve from."""
+    from model.registry import Registry
+
+    registry = Registry(source)
+    version = registry.active_version()
+    if version is None:
+        raise RuntimeError(f"{source} has no active version; run `make train`")
+    shutil.rmtree(target, ignore_errors=True)
+    copy = Registry(target)
+    shutil.copytree(registry.version_dir(version), copy.version_dir(version))
+    (copy.root / "ACTIVE").write_text(f"{version}\n")
+    return target
 
 
 def is_up(url: str, path: str = "/ready") -> bool:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a base model and publish it as the active version")
     train.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH)
-    train.add_argument("--epochs", type=int, default=None, help="default: 5 for digitnet, 3 for simplenet")
+    train.add_argument("--epochs", type=int, default=None, help="default: 5 for both architectures")
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=None, help="peak learning rate of the one-cycle schedule")
     train.add_argument("--no-augment", action="store_true", help="train without random affine augmentation")

@@ -24,7 +24,7 @@ from model.train import EpochStats, EvalResult, TrainConfig, evaluate, train
 log = logging.getLogger("digits.publish")
 
 PARITY_IMAGES = 1000
-DEFAULT_EPOCHS = {"digitnet": 5, "simplenet": 3}
+DEFAULT_EPOCHS = {"digitnet": 5, "simplenet": 5}
 DEFAULT_LR = {"digitnet": 3e-3, "simplenet": 1e-3}
 
 

@@ -60,12 +60,15 @@ def base_registry() -> Registry:
 
 
 def copy_registry(source: Registry, target: Path) -> Registry:
-    """A private registry holding only the source's active version (and ACTIVE)."""
+    """A private registry holding only the source's active version, as v0001 (whatever its
+    number in the source), so tests see the same versions on every machine."""
     version = source.active_version()
     assert version is not None
     registry = Registry(target)
-    shutil.copytree(source.version_dir(version), registry.version_dir(version))
-    (registry.root / "ACTIVE").write_text(f"{version}\n")
+    shutil.copytree(source.version_dir(version), registry.version_dir("v0001"))
+    manifest = source.get(version).model_copy(update={"version": "v0001", "parent": None, "job_id": None})
+    (registry.version_dir("v0001") / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    (registry.root / "ACTIVE").write_text("v0001\n")
     return registry
 
 

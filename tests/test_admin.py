@@ -151,10 +151,16 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registr
     response = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
                              files={"archive": ("ok.tar.gz", links)})
     assert response.status_code == 202
-    jobs, samples = stored_state(registry_copy.root)
-    assert len(jobs) == 1 and len(samples) == 1  # only the one good upload
     record = requests.get(f"{server.url}/admin/jobs/{response.json()['job_id']}", headers=AUTH, timeout=10).json()
     assert record["samples"] == 1 and record["state"] == "queued"
+    files_and_labels = [("files", ("a.png", digit)), ("files", ("b.png", digit)), ("labels", (None, "7,7"))]
+    response = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60, files=files_and_labels,
+                             data={"epochs": "2"})
+    assert response.status_code == 202 and response.json()["queued_behind"] == 1
+    record = requests.get(f"{server.url}/admin/jobs/{response.json()['job_id']}", headers=AUTH, timeout=10).json()
+    assert record["samples"] == 2 and record["options"]["epochs"] == 2
+    jobs, samples = stored_state(registry_copy.root)
+    assert len(jobs) == 2 and len(samples) == 2  # only the two good uploads
 
 
 # ------------------------------------------------------------------ the real thing
