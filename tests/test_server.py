@@ -196,3 +196,16 @@ def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, 
             requests.get(f"{server.url}/health", timeout=2)
     finally:
         server.stop()
+
+
+def test_sigint_also_stops_every_process(base_registry, tmp_path: Path) -> None:
+    registry = copy_registry(base_registry, tmp_path / "registry")
+    server = ServerProcess(registry.root).start(tmp_path)
+    try:
+        descendants = server.descendants()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 0
+        alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        server.stop()
