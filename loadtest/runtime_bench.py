@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 from model.registry import Registry
-from service.runtimes import CompiledTorchRuntime, OnnxRuntime, ProbabilityHead
+from service.runtimes import CompiledTorchRuntime, OnnxRuntime, ProbabilityHead, time_runtime
 
 BATCHES = (1, 8, 64)
 
@@ -31,17 +30,6 @@ class EagerRuntime:
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.head(torch.from_numpy(pixels)).numpy()
-
-
-def median_ms(runtime, pixels: np.ndarray, runs: int) -> float:
-    for _ in range(5):
-        runtime.probabilities(pixels)
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runtime.probabilities(pixels)
-        samples.append(time.perf_counter() - started)
-    return float(np.median(samples)) * 1e3
 
 
 def main() -> int:
@@ -67,7 +55,7 @@ def main() -> int:
     table = {}
     for batch in BATCHES:
         pixels = rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8)
-        table[batch] = [median_ms(runtime, pixels, args.runs) for runtime in runtimes]
+        table[batch] = [time_runtime(runtime, pixels, args.runs, warmup=5) * 1e3 for runtime in runtimes]
     header = "".join(f"{n + ' ms':>18}" for n in names) + "".join(f"{'x ' + n:>18}" for n in names[1:])
     print(f"\n{'batch':>5} {header}")
     for batch, times in table.items():

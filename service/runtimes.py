@@ -106,10 +106,10 @@ class OnnxRuntime:
         return exp / exp.sum(axis=1, keepdims=True)
 
 
-def time_runtime(runtime: Runtime, batch: int, runs: int) -> float:
-    """Median seconds per call at one batch size (after one untimed call)."""
-    pixels = np.zeros((batch, 28, 28), dtype=np.uint8)
-    runtime.probabilities(pixels)
+def time_runtime(runtime: Runtime, pixels: np.ndarray, runs: int, warmup: int = 1) -> float:
+    """Median seconds per call on one batch (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        runtime.probabilities(pixels)
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -157,7 +157,7 @@ def choose_runtime(
     if mode == "auto" and not device.startswith("cuda"):
         onnx_runtime = open_onnx(registry, version, threads, device, data_dir)
         timings = {
-            rt.name: time_runtime(rt, 1, measure_runs) + time_runtime(rt, largest, measure_runs)
+            rt.name: sum(time_runtime(rt, np.zeros((n, 28, 28), np.uint8), measure_runs) for n in (1, largest))
             for rt in (compiled, onnx_runtime)
         }
         figures = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())

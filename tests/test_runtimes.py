@@ -47,3 +47,13 @@ def test_onnx_runtime_matches_eager_torch(base_registry, mnist_test) -> None:
     runtime = OnnxRuntime(base_registry.onnx_path(manifest.version), manifest.version, manifest.arch, threads=1)
     pixels = mnist_test[0][:64].numpy()
     np.testing.assert_allclose(runtime.probabilities(pixels), eager_probabilities(model, pixels), atol=1e-5)
+
+
+def test_auto_on_cpu_measures_both_and_explains_the_choice(registry_copy) -> None:
+    from service.runtimes import choose_runtime
+
+    choice = choose_runtime(registry_copy, "v0001", "auto", "cpu", [1, 2], threads=1, measure_runs=3)
+    assert choice.code == "measured"
+    assert "torch-compile" in choice.reason and "onnxruntime" in choice.reason and " ms" in choice.reason
+    assert choice.runtime.name in ("torch-compile", "onnxruntime")
+    assert choice.runtime.probabilities(np.zeros((2, 28, 28), np.uint8)).shape == (2, 10)
