@@ -10,13 +10,12 @@ import threading
 from pathlib import Path
 
 import litserve as ls
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
-from service.inputs import ClientError
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.predict import PredictAPI, readiness_dir
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
@@ -181,5 +180,3 @@ def build_server(settings: Settings) -> DigitServer:
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)
     return server
 
-
-__all__ = ["ClientError", "DigitServer", "HTTPException", "build_server"]

@@ -20,6 +20,8 @@ from model import data
 from model.finetune import finetune
 from model.publish import PARITY_IMAGES, publish_model
 from model.registry import Registry
+from model.train import EpochStats
+from service import metrics
 from service.jobs import JobStore
 from service.schemas import JobRecord
 from service.settings import Settings
@@ -44,8 +46,6 @@ def mark_interrupted(store: JobStore) -> None:
 
 def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Settings,
             stop: threading.Event) -> JobRecord:
-    from service import metrics
-
     record.state = "running"
     record.parent_version = registry.active_version()
     record.message = "training"
@@ -55,7 +55,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
         base, manifest = registry.load_model(record.parent_version)
         test_set = mnist(str(settings.data_dir), False)
 
-        def progress(stats) -> None:
+        def progress(stats: EpochStats) -> None:
             record.progress = {"epoch": stats.epoch, "epochs": record.options.epochs,
                                "loss": round(stats.train_loss, 5)}
             store.save(record)
