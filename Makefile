@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run test lint loadtest bench bench-finetune bench-runtimes gpu-bench clean
+.PHONY: install data train retrain run test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -35,7 +35,12 @@ run: train
 	@echo "==> serving on http://127.0.0.1:8000 (Ctrl+C stops it)"
 	$(PY) -m service
 
-test: train
+# The browser test drives Debian's Chromium (never a test tool's own browser download).
+browser:
+	@command -v chromium >/dev/null || { echo "==> installing Chromium for the browser test (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: train browser
 	@echo "==> tests"
 	$(PY) -m pytest -ra
 

@@ -7,12 +7,13 @@ import logging
 import os
 import signal
 import threading
+from importlib import resources
 from pathlib import Path
 
 import litserve as ls
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
@@ -100,6 +101,16 @@ def read_readiness(settings: Settings) -> list[dict]:
     return workers
 
 
+def install_demo_page(app: FastAPI) -> None:
+    """A drawing pad at / that calls /predict and /feedback (replaces LitServe's plain-text index)."""
+    page = (resources.files("service") / "static" / "index.html").read_text()
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo() -> HTMLResponse:
+        return HTMLResponse(page)
+
+
 def install_operational_routes(app: FastAPI, settings: Settings, expected_workers: int) -> None:
     @app.get("/health", tags=["operations"], summary="Liveness: the HTTP server answers")
     async def health() -> dict:
@@ -170,6 +181,7 @@ def build_server(settings: Settings) -> DigitServer:
     expected_workers = len(server._inference_workers_config_for_api(api.api_path))
     install_error_handlers(app)
     install_operational_routes(app, settings, expected_workers)
+    install_demo_page(app)
     document_predict_route(app)
     from service.admin import install_admin_routes
 
