@@ -58,7 +58,8 @@ def main() -> int:
     own_run_dir = settings.run_dir is None
     settings.run_dir = Path(tempfile.mkdtemp(prefix="digits-run-")) if own_run_dir else settings.run_dir
 
-    # Before anything imports prometheus_client: every process must see multiprocess mode.
+    # Before anything imports prometheus_client: every process must see multiprocess mode,
+    # starting from an empty directory (stale files from a previous run would add up).
     metrics_dir = settings.run_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)

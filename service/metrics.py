@@ -8,10 +8,6 @@ entry point does that before it imports anything else of ours.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
     CollectorRegistry,
@@ -48,13 +44,6 @@ runtime_info = Gauge(
 model_swaps = Counter("digits_model_swaps", "Hot swaps to a new model version", ["runtime"])
 runtime_fallbacks = Counter("digits_runtime_fallbacks", "Switches from torch.compile to ONNX Runtime")
 finetune_jobs = Counter("digits_finetune_jobs", "Fine-tune jobs finished", ["state"])
-
-
-def prepare_multiprocess_dir(path: Path) -> None:
-    """Start from an empty directory: stale files from a previous run would add up."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def render() -> bytes:

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import litserve as ls
 import numpy as np
@@ -190,7 +190,7 @@ class PredictAPI(ls.LitAPI):
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
         return np.stack(inputs)
 
-    def predict(self, x: np.ndarray, context: Any = None) -> tuple[np.ndarray, str, str]:
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, str, str]:
         single = x.ndim == 2  # max_batch_size=1: LitServe skips batch/unbatch
         batch = x[None] if single else x
         metrics.batch_size.observe(len(batch))
