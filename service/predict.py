@@ -169,9 +169,8 @@ def write_readiness(settings: Settings, worker_id: int, holder: ModelHolder) -> 
 
 class PredictAPI(ls.LitAPI):
     def __init__(self, settings: Settings) -> None:
-        super().__init__(
-            max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, api_path="/predict"
-        )
+        batch_timeout = 0.0 if settings.batching == "greedy" else settings.batch_timeout
+        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
         self.settings = settings
 
     def setup(self, device: str) -> None:

@@ -21,7 +21,7 @@ from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.predict import PredictAPI, readiness_dir
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
 from service.settings import Settings
-from service.transport import PipeQueueTransport, new_queue
+from service.transport import GreedyBatchQueue, PipeQueueTransport, new_queue
 
 log = logging.getLogger("digits.server")
 
@@ -35,10 +35,12 @@ STATUS_CODES = {
 class DigitServer(ls.LitServer):
     """LitServer with a pipe-backed transport and a start that does not wait for warm-up."""
 
+    greedy_batching = False
+
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
         for api_path in self.litapi_request_queues:
-            self.litapi_request_queues[api_path] = new_queue()
+            self.litapi_request_queues[api_path] = GreedyBatchQueue() if self.greedy_batching else new_queue()
         self._transport = PipeQueueTransport([new_queue() for _ in range(num_api_servers)])
         return manager
 
@@ -174,6 +176,7 @@ def build_server(settings: Settings) -> DigitServer:
         healthcheck_path="/litserve/health",
         info_path="/litserve/info",
     )
+    server.greedy_batching = settings.batching == "greedy"
     app = server.app
     app.title = "digit-service"
     app.description = "Handwritten-digit classification, fine-tunable while it serves."

@@ -29,7 +29,10 @@ class Settings(BaseSettings):
         "auto", description="torch: torch.compile; onnx: ONNX Runtime; auto: see README"
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="largest batch the worker assembles")
-    batch_timeout: float = Field(0.002, ge=0, le=1, description="seconds a batch waits to fill")
+    batch_timeout: float = Field(0.002, ge=0, le=1, description="seconds a batch waits to fill (window batching)")
+    batching: Literal["window", "greedy"] = Field(
+        "window", description="window: wait batch_timeout for a batch to fill; greedy: take what queued while busy"
+    )
     workers: int = Field(1, ge=1, le=16, description="inference worker processes per device")
     api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
     worker_threads: int | None = Field(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import multiprocessing.queues
 from queue import Empty
 from typing import Any
 
@@ -29,6 +30,33 @@ SPAWN = mp.get_context("spawn")
 
 def new_queue() -> mp.Queue:
     return SPAWN.Queue()
+
+
+class GreedyBatchQueue(mp.queues.Queue):
+    """The request queue, for greedy batching: a batch is whatever waited while the worker
+    was busy, so an idle worker answers a lone request at once and a busy one batches.
+
+    LitServe (batch_timeout=0) drains the queue with ``get_nowait`` until it is empty and
+    would spin when there is nothing; here the first call of each drain blocks (no CPU) until
+    a request arrives, and later calls never wait.
+    """
+
+    IDLE_WAIT = 1.0
+    _drain_started = False  # per process; not part of the pickled state
+
+    def __init__(self) -> None:
+        super().__init__(ctx=SPAWN)
+
+    def get_nowait(self) -> Any:
+        if not self._drain_started:
+            item = self.get(timeout=self.IDLE_WAIT)  # Empty after a second: LitServe simply asks again
+            self._drain_started = True
+            return item
+        try:
+            return super().get_nowait()
+        except Empty:
+            self._drain_started = False
+            raise
 
 
 class PipeQueueTransport(MessageTransport):

@@ -209,3 +209,19 @@ def test_sigint_also_stops_every_process(base_registry, tmp_path: Path) -> None:
         assert alive == [], [p.cmdline() for p in alive]
     finally:
         server.stop()
+
+
+def test_greedy_batching_answers_lone_and_concurrent_requests(start_server, registry_copy, mnist_test) -> None:
+    """DIGITS_BATCHING=greedy: no batching window; a batch is whatever queued while the worker was busy."""
+    images, labels = mnist_test
+    server = start_server(registry_copy.root, batching="greedy", trainer_enabled="false")
+    lone = post_png(server.url, png_of(images[0]))
+    assert lone.status_code == 200 and lone.json()["digit"] == int(labels[0])
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: post_png(server.url, png_of(images[i])), range(64)))
+    assert [r.json()["digit"] for r in responses] == [int(label) for label in labels[:64]]
+    text = requests.get(f"{server.url}/metrics", timeout=5).text
+    assert metric(text, "digits_batch_size_sum") == 65
+    assert metric(text, "digits_batch_size_count") < 65  # some requests did share a batch
+    time.sleep(2.5)  # idle past the queue's one-second wait: the worker still answers afterwards
+    assert post_png(server.url, png_of(images[1])).json()["digit"] == int(labels[1])
