@@ -188,6 +188,23 @@ def start_server(tmp_path: Path) -> Iterator:
         server.stop()
 
 
+def still_running(processes: list[psutil.Process], grace: float = 10.0) -> list[str]:
+    """The processes (as 'pid name') still running after a grace period; zombies count as gone
+    (multiprocessing's resource tracker, for one, exits a moment after its parent)."""
+    def running() -> list[str]:
+        names = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    names.append(f"{process.pid} {' '.join(process.cmdline())}")
+            except psutil.NoSuchProcess:
+                continue
+        return names
+
+    wait_until(lambda: running() == [], grace, interval=0.1)
+    return running()
+
+
 def post_png(url: str, png: bytes, timeout: float = 30.0, **kwargs) -> requests.Response:
     return requests.post(f"{url}/predict", files={"file": ("digit.png", png, "image/png")}, timeout=timeout, **kwargs)
 

@@ -13,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, copy_registry, png_of, post_png
+from tests.conftest import ServerProcess, copy_registry, png_of, post_png, still_running
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +189,7 @@ def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, 
         assert server.process.wait(60) == 0
         assert all(r in (200, "refused") for r in results), results  # accepted requests finished
         assert 200 in results
-        alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], [p.cmdline() for p in alive]
+        assert still_running(descendants) == []
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{server.url}/health", timeout=2)
     finally:
@@ -205,8 +203,7 @@ def test_sigint_also_stops_every_process(base_registry, tmp_path: Path) -> None:
         descendants = server.descendants()
         server.process.send_signal(signal.SIGINT)
         assert server.process.wait(60) == 0
-        alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], [p.cmdline() for p in alive]
+        assert still_running(descendants) == []
     finally:
         server.stop()
 
