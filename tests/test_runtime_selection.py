@@ -78,3 +78,18 @@ def test_missing_onnx_is_re_exported_at_startup(start_server, registry_copy, mni
     server = start_server(registry_copy.root, runtime="onnx", trainer_enabled="false")
     assert post_png(server.url, png_of(mnist_test[0][0])).json()["digit"] == int(mnist_test[1][0])
     assert registry_copy.verify_artifact("v0001", "model.onnx")
+
+
+def test_every_worker_swaps_within_two_seconds(start_server, registry_copy, mnist_test) -> None:
+    server = start_server(registry_copy.root, runtime="onnx", workers=2, trainer_enabled="false")
+    ready = requests.get(f"{server.url}/ready", timeout=5).json()
+    assert ready["workers_expected"] == 2 and {w["worker"] for w in ready["workers"]} == {0, 1}
+    model, manifest = registry_copy.load_model()
+    published = publish_model(registry_copy, model, manifest.arch, mnist_test[0][:PARITY_IMAGES], parent="v0001")
+    time.sleep(2.0)
+    png = png_of(mnist_test[0][0])
+    with ThreadPoolExecutor(8) as pool:  # enough concurrent requests to reach both workers
+        versions = {r.json()["model_version"] for r in pool.map(lambda _: post_png(server.url, png), range(64))}
+    assert versions == {published.version}
+    workers = requests.get(f"{server.url}/ready", timeout=5).json()["workers"]
+    assert [w["model_version"] for w in workers] == [published.version] * 2
