@@ -8,6 +8,8 @@ FastAPI, which runs :func:`service.inputs.read_digit` in the API server for ever
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from typing import Annotated
@@ -174,6 +176,10 @@ class PredictAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device: str) -> None:
+        # LitServe stops workers with SIGTERM once the API servers have drained. Exiting through
+        # Python (not the default kill) lets multiprocessing clean up after torch.compile's
+        # worker pool instead of leaving semaphores behind.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         configure_logging(self.settings.log_level)
         torch.set_num_threads(self.settings.inference_threads())
         worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
