@@ -15,26 +15,23 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-from fastapi import HTTPException, Request
-from pydantic import BaseModel, ValidationError
+from fastapi import Request
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from model.preprocess import ImageProblem, prepare_digit
+from service.bodies import media_type, parse_json, read_form
+from service.errors import ClientError
 from service.schemas import PredictJSON
 
 # Decoding a big photo takes tens of milliseconds: do it off the event loop. Small images
 # (the common case) are cheaper to decode in place than to hand to a thread.
 INLINE_DECODE_BYTES = 64 * 1024
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-
-
-class ClientError(HTTPException):
-    """A 4xx whose JSON body names the problem: ``{"error": code, "detail": message}``."""
-
-    def __init__(self, status_code: int, code: str, detail: str | list) -> None:
-        super().__init__(status_code=status_code, detail=detail)
-        self.code = code
+# base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
+# standard or url-safe alphabet (not mixed). Nothing else.
+WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+STANDARD_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+URLSAFE_BASE64 = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 class DigitInput(NamedTuple):
@@ -45,44 +42,23 @@ class DigitInput(NamedTuple):
     enqueued_at: float  # time.monotonic(): system-wide on Linux, so comparable across processes
 
 
-def validation_detail(exc: ValidationError) -> list[dict]:
-    return [
-        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
-def parse_json(body: bytes, model: type[BaseModel]) -> BaseModel:
-    if not body:
-        raise ClientError(422, "empty_body", "the request body is empty; send JSON")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        kinds = {err["type"] for err in exc.errors()}
-        code = "malformed_json" if "json_invalid" in kinds else "invalid_fields"
-        raise ClientError(422, code, validation_detail(exc)) from None
-
-
 def decode_base64(text: str, field: str = "image") -> bytes:
-    text = DATA_URL.sub("", text.strip(), count=1)
+    """Standard or url-safe base64, with or without padding, whitespace anywhere (a data URL
+    prefix is dropped); 422 naming ``field`` for anything else."""
+    text = WHITESPACE.sub("", DATA_URL.sub("", text.strip(), count=1))
+    if STANDARD_BASE64.match(text):
+        alphabet = None
+    elif URLSAFE_BASE64.match(text):
+        alphabet = b"-_"
+    else:
+        raise ClientError(422, "invalid_base64", f"'{field}' holds characters that are not base64")
+    text = text.rstrip("=")
+    if not text or len(text) % 4 == 1:
+        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64 (empty or truncated)")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
-
-
-async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000):
-    try:
-        return await request.form(
-            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
-        )
-    except MultiPartException as exc:
-        detail = f"the multipart body could not be parsed: {exc.message}"
-        raise ClientError(422, "malformed_multipart", detail) from None
-
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def image_bytes_from_request(request: Request, max_bytes: int) -> bytes:

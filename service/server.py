@@ -11,12 +11,11 @@ from importlib import resources
 from pathlib import Path
 
 import litserve as ls
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import metrics
+from service import admin, feedback, metrics
+from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.predict import PredictAPI, readiness_dir
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
@@ -24,13 +23,6 @@ from service.settings import Settings
 from service.transport import GreedyBatchQueue, PipeQueueTransport, new_queue
 
 log = logging.getLogger("digits.server")
-
-STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    500: "internal_error", 503: "unavailable", 504: "timeout",
-}
-
 
 class DigitServer(ls.LitServer):
     """LitServer with a pipe-backed transport and a start that does not wait for warm-up."""
@@ -70,26 +62,6 @@ class DigitServer(ls.LitServer):
         if stopping is not None:
             stopping.set()
         super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
-
-
-def error_response(status: int, code: str, detail, request: Request) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get("request_id")
-    body = ErrorBody(error=code, detail=detail, request_id=request_id).model_dump()
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, exc.detail, request)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return error_response(422, "invalid_request", detail, request)
 
 
 def read_readiness(settings: Settings) -> list[dict]:
@@ -186,9 +158,8 @@ def build_server(settings: Settings) -> DigitServer:
     install_operational_routes(app, settings, expected_workers)
     install_demo_page(app)
     document_predict_route(app)
-    from service.admin import install_admin_routes
-
-    install_admin_routes(app, settings)
+    app.include_router(feedback.router)
+    app.include_router(admin.router)
     # add_middleware wraps: the last added runs first, so request ids exist before the body check.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        admin_max_bytes=settings.finetune_max_body_bytes)
