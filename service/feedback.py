@@ -73,8 +73,8 @@ async def labelled_image(request: Request, max_bytes: int) -> tuple[bytes, int]:
                507: {"model": ErrorBody, "description": "the feedback store is full"}},
 )
 async def post_feedback(request: Request, settings: SettingsDep, store: FeedbackStoreDep) -> FeedbackResponse:
-    store.check_room()
     data, label = await labelled_image(request, settings.max_body_bytes)
+    store.check_room()  # before the costly part: decoding the image
     pixels = await digit_from_bytes_async(data, settings.max_pixels)
     sample_id, usage = await asyncio.to_thread(store.add, pixels, label)  # waits on a file lock
     return FeedbackResponse(stored=sample_id, label=label, feedback_samples=usage.samples)
