@@ -256,3 +256,11 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
     feedback = document["paths"]["/feedback"]["post"]
     assert {"401", "413", "429", "507"} <= set(feedback["responses"])
     assert feedback["security"] == [{"FeedbackToken": []}]
+
+
+def test_predict_takes_base64_as_people_produce_it(server: ServerProcess) -> None:
+    png = png_of(digit())
+    for encoded in (base64.encodebytes(png).decode(), base64.urlsafe_b64encode(png).decode().rstrip("=")):
+        response = requests.post(f"{server.url}/predict", json={"image": encoded}, timeout=30)
+        assert response.status_code == 200, response.text
+    assert_error(requests.post(f"{server.url}/predict", json={"image": "QUJD*"}, timeout=30), 422, "invalid_base64")
