@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -11,15 +10,10 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import json_error
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-
-def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
-    body = json.dumps({"error": code, "detail": detail, "request_id": request_id}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return headers, body  # the request-context middleware adds X-Request-ID
 
 
 def header(scope: Scope, name: bytes) -> str | None:
