@@ -102,6 +102,24 @@ def test_every_container_gets_valid_settings(where: str, container: dict, tmp_pa
     Settings()  # raises a ValidationError naming any bad value
 
 
+WRITTEN_PATHS = ("DIGITS_REGISTRY", "DIGITS_DATA_DIR", "DIGITS_RUN_DIR", "HOME")
+
+
+def test_paths_the_service_writes_are_on_writable_volumes() -> None:
+    """The root filesystem is read-only: the registry, data, scratch and caches need a volume."""
+    checked = 0
+    for where, container in containers():
+        if "volumeMounts" not in container:
+            continue  # an overlay's patch: its base container is checked
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+        writable = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+        for name, value in environment(container).items():
+            if name in WRITTEN_PATHS:
+                assert any(Path(value).is_relative_to(mount) for mount in writable), (where, name, value)
+                checked += 1
+    assert checked >= 4 * len(WRITTEN_PATHS) - 1  # four containers; the init container has no HOME
+
+
 def test_serving_runs_no_trainer_and_exactly_one_trainer_runs() -> None:
     serving, trainer = workload("digit-service"), workload("digit-service-trainer")
     [server] = serving["spec"]["template"]["spec"]["containers"]
