@@ -92,9 +92,11 @@ image:
 	  --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt -v /etc/ssl/certs:/etc/ssl/certs:ro .
 	buildah images $(IMAGE)
 
-# Once, by hand (not in CI): serve a copy of the registry from the image as its non-root user.
+# Once, by hand (not in CI): serve a copy of the registry from the image as its non-root user,
+# then as the Kubernetes serving pod would (read-only root, the manifests' environment).
 image-smoke:
 	deploy/image/smoke.sh $(IMAGE) $(REGISTRY)
+	deploy/image/pod-smoke.sh $(IMAGE) $(REGISTRY) $(PY)
 
 clean:
 	rm -rf reports .pytest_cache

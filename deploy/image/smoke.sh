@@ -1,9 +1,9 @@
-#!/bin/sh
+#!/bin/bash
 # Smoke test of the built image (by hand, not in CI): serve a copy of a registry from the
 # image as its non-root user and wait for /ready to answer 200 on 127.0.0.1 (buildah's chroot
 # isolation shares the host network). Stops everything it started, also on failure.
 #   usage: deploy/image/smoke.sh IMAGE REGISTRY [TIMEOUT_S]
-set -eu
+set -euo pipefail
 image=$1
 source_registry=$2
 timeout_s=${3:-300}
