@@ -52,6 +52,7 @@ K8S_KUSTOMIZATIONS := $(patsubst %/kustomization.yaml,%,$(wildcard deploy/k8s/*/
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck deploy/image/*.sh
 	$(VENV)/bin/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
 	@command -v kubectl >/dev/null || { echo "kubectl is needed to render the kustomizations in deploy/k8s"; exit 1; }
 	@rendered=$$(mktemp --suffix=.yaml); trap 'rm -f "$$rendered"' EXIT; \

@@ -21,6 +21,7 @@ trap 'rm -rf "$(dirname "$rootfs")"' EXIT
 echo "==> mmdebstrap: Debian bookworm with Python 3.11 -> $image"
 # minbase: only Essential + apt; then what a Python service image needs, no recommends;
 # apt lists, docs and man pages are left out to keep the base small.
+# shellcheck disable=SC2016  # the hook expands $1 (the root filesystem), not this shell
 mmdebstrap --variant=minbase --aptopt='APT::Install-Recommends "false"' \
     --include=python3,python3-venv,python3-pip,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \

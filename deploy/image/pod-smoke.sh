@@ -53,7 +53,7 @@ container=$(buildah from --pull=never "$image")
 root=$(buildah mount "$container")
 mkdir -p "$root$shared" "$root$(dirname "$token_file")"  # mount points, in the container's own layer
 started=$(date +%s)
-# shellcheck disable=SC2086  # $env is a list of NAME=value words
+# shellcheck disable=SC2016,SC2086  # the inner script expands its own arguments; $env: NAME=value words
 setsid unshare --mount bash -c '
     set -e; root=$1 shared_src=$2 shared=$3 secret_src=$4 secret=$5; shift 5
     mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
