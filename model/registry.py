@@ -28,8 +28,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.atomic import atomic_file, atomic_write_bytes
 from model.nets import build
 
 VERSION_ID = r"^v([0-9]{4,9})$"  # v0001 ... v999999999: bounded, so no id makes a path too long
@@ -77,33 +77,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextmanager
-def atomic_file(path: Path, durable: bool = True) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; on success it is fsynced (unless not
-    ``durable``: scratch files) and renamed onto ``path`` (readers see the old file or the new
-    one, never a part), on error it is removed::
-
-        with atomic_file(target) as tmp:
-            save_file(tensors, str(tmp))
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    with atomic_file(path, durable) as tmp:
-        tmp.write_bytes(data)
 
 
 def _fsync_dir(path: Path) -> None:

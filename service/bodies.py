@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 from fastapi import Request
-from multipart.exceptions import MultipartParseError
-from multipart.multipart import MultipartParser, parse_options_header
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
 

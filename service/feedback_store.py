@@ -19,7 +19,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save
 
-from model.registry import Registry, atomic_write_bytes, new_record_id
+from model.atomic import atomic_write_bytes
+from model.registry import Registry, new_record_id
 from service.errors import ClientError
 
 

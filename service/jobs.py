@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.registry import RECORD_ID_PATTERN, Registry, atomic_file, atomic_write_bytes, new_record_id
+from model.atomic import atomic_file, atomic_write_bytes
+from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
 from service.schemas import FinetuneOptions, JobRecord, JobState
 
 

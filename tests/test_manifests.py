@@ -154,9 +154,10 @@ def app_routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     scratch = tmp_path_factory.mktemp("routes")
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom service.settings import Settings\n"
-        "from service.server import build_server\n"
+        "from service.placement import decide\nfrom service.server import build_server\n"
         "settings = Settings(run_dir=Path(sys.argv[1]) / 'run', registry=Path(sys.argv[1]) / 'registry')\n"
-        "print(json.dumps(sorted({r.path for r in build_server(settings).app.routes if hasattr(r, 'path')})))\n"
+        "app = build_server(settings, decide(settings)).app\n"
+        "print(json.dumps(sorted(app.openapi()['paths'])))\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(scratch)}
     out = subprocess.run([sys.executable, "-c", code, str(scratch)], cwd=ROOT, env=env, capture_output=True,

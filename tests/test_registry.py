@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.atomic import atomic_file, atomic_write_bytes
 from model.nets import build
-from model.registry import Registry, RegistryError, atomic_file, atomic_write_bytes
+from model.registry import Registry, RegistryError
 
 PUBLISHER = Path(__file__).resolve().parent / "publisher.py"
 
