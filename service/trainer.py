@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 from functools import cache
@@ -109,7 +110,7 @@ def trainer_loop(settings: Settings) -> None:
         return
     try:
         mark_interrupted(store)
-        log.info("trainer ready (threads=%d)", settings.trainer_threads)
+        log.info("trainer ready (threads=%d)", settings.trainer_threads, extra={"pid": os.getpid()})
         while not stop.is_set():
             queued = store.queued()
             if queued:
