@@ -1,20 +1,28 @@
-"""The fine-tune trainer: one process beside the server that runs queued jobs one at a time.
+"""The fine-tune trainer: one process that runs queued jobs one at a time.
 
-Out of the request path, with its torch threads capped so serving keeps its latency. A file
-lock in the registry makes it one trainer even across replicas sharing the registry. On
-start it marks jobs left ``running`` by a crash as failed.
+Out of the request path, with its torch threads capped so serving keeps its latency. It runs
+beside the server (``DIGITS_TRAINER_ENABLED=true``, watched and replaced if it dies) or on
+its own (``python -m service.trainer``) for a deployment whose serving replicas run with
+``DIGITS_TRAINER_ENABLED=false``. A file lock in the registry makes it one trainer even
+across replicas sharing the registry; a second one waits for the lock and takes over when
+the first dies. On taking the lock it marks jobs left ``running`` by a crash as failed.
+SIGTERM stops it: a running job stops at its next training step and is marked failed.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
+import time
 from functools import cache
 
 import torch
 from filelock import FileLock, Timeout
+from prometheus_client import start_http_server
 
 from model import data
 from model.finetune import finetune
@@ -28,6 +36,8 @@ from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
 POLL_SECONDS = 0.5
+RESTART_LIMIT = 5  # more restarts than this within the window is a crash loop
+RESTART_WINDOW_SECONDS = 60.0
 
 
 @cache
@@ -77,7 +87,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
         else:
             record.state = "rejected"
     except InterruptedError:
-        record.state, record.message = "failed", "interrupted: the server shut down while this job ran; resubmit it"
+        record.state, record.message = "failed", "interrupted: the trainer was stopped while this job ran; resubmit it"
     except Exception as exc:
         log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
         record.state, record.message = "failed", f"{type(exc).__name__}: {exc}"
@@ -87,23 +97,20 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
     return record
 
 
-def trainer_loop(settings: Settings) -> None:
-    from service.logs import configure_logging
-
-    configure_logging(settings.log_level)
-    torch.set_num_threads(settings.trainer_threads)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+def run_trainer(settings: Settings, stop: threading.Event) -> None:
+    """Wait for the registry's trainer lock, then run queued jobs until ``stop`` is set."""
     registry = Registry(settings.registry)
     store = JobStore(registry)
     lock = FileLock(str(registry.root / ".trainer.lock"))
+    waiting = False
     while not stop.is_set():
         try:
             lock.acquire(timeout=POLL_SECONDS)
             break
         except Timeout:
-            continue  # another replica's trainer holds it; wait our turn
+            if not waiting:
+                log.info("another trainer holds %s; waiting to take over", lock.lock_file)
+                waiting = True
     else:
         return
     try:
@@ -119,25 +126,92 @@ def trainer_loop(settings: Settings) -> None:
         lock.release()
 
 
+def trainer_loop(settings: Settings) -> None:
+    """The trainer process beside the server: SIGTERM stops it; SIGINT is the main process's."""
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    torch.set_num_threads(settings.trainer_threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    run_trainer(settings, stop)
+
+
 class TrainerProcess:
+    """The trainer beside the server, watched: a trainer that dies is replaced within a second
+    (the replacement marks its job failed and the queue goes on); a crash loop stops the server."""
+
     def __init__(self, settings: Settings) -> None:
-        self.process = mp.get_context("spawn").Process(
-            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
+        self.settings = settings
+        self.process = self._new_process()
+        self._guard = threading.Lock()
+        self._stopping = threading.Event()
+        self._restarts: list[float] = []
+
+    def _new_process(self) -> mp.process.BaseProcess:
+        return mp.get_context("spawn").Process(
+            target=trainer_loop, args=(self.settings,), name="digits-trainer", daemon=False
         )
 
     def start(self) -> TrainerProcess:
         self.process.start()
+        threading.Thread(target=self._watch, name="digits-trainer-watch", daemon=True).start()
         return self
 
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            with self._guard:
+                if self._stopping.is_set() or self.process.is_alive():
+                    continue
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
+                if len(self._restarts) > RESTART_LIMIT:
+                    log.error("the trainer died %d times in %.0f s; stopping the server", len(self._restarts),
+                              RESTART_WINDOW_SECONDS)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                log.error("trainer %s exited (code %s); starting a new one", self.process.pid,
+                          self.process.exitcode)
+                self.process = self._new_process()
+                self.process.start()
+
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
-            self.process.terminate()  # SIGTERM: the running job stops at its next step
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2)
+        self._stopping.set()
+        with self._guard:
+            if self.process.is_alive():
+                self.process.terminate()  # SIGTERM: the running job stops at its next step
+                self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(2)
 
 
 def start_trainer(settings: Settings) -> TrainerProcess:
     return TrainerProcess(settings).start()
 
+
+def main() -> int:
+    """``python -m service.trainer``: the trainer on its own until SIGTERM or SIGINT, for a
+    deployment whose serving replicas run with ``DIGITS_TRAINER_ENABLED=false``."""
+    from service.logs import configure_logging
+
+    settings = Settings(_cli_parse_args=True)
+    configure_logging(settings.log_level)
+    if Registry(settings.registry).active_version() is None:
+        print(f"error: {settings.registry} has no active model; run `make train` first", file=sys.stderr)
+        return 2
+    torch.set_num_threads(settings.trainer_threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if settings.trainer_metrics_port is not None:
+        start_http_server(settings.trainer_metrics_port, addr=settings.host)
+        log.info("trainer metrics on http://%s:%d/metrics", settings.host, settings.trainer_metrics_port)
+    run_trainer(settings, stop)
+    log.info("trainer stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
