@@ -66,13 +66,9 @@ def main() -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     from service.logs import configure_logging
-    from service.predict import readiness_dir
     from service.server import build_server
     from service.trainer import start_trainer
 
-    # Readiness files of a previous run in the same run dir (a restarted container keeps its
-    # scratch volume) would make /ready say 200 before our workers have warmed up.
-    shutil.rmtree(readiness_dir(settings), ignore_errors=True)
     configure_logging(settings.log_level)
     from model.registry import Registry
 

@@ -1,8 +1,8 @@
 """The fine-tune trainer: one process that runs queued jobs one at a time.
 
 Out of the request path, with its torch threads capped so serving keeps its latency. It runs
-beside the server (``DIGITS_TRAINER_ENABLED=true``, watched and replaced if it dies) or on
-its own (``python -m service.trainer``) for a deployment whose serving replicas run with
+beside the server (``DIGITS_TRAINER_ENABLED=true``) or on its own (``python -m
+service.trainer``), for a deployment whose serving replicas run with
 ``DIGITS_TRAINER_ENABLED=false``. A file lock in the registry makes it one trainer even
 across replicas sharing the registry; a second one waits for the lock and takes over when
 the first dies. On taking the lock it marks jobs left ``running`` by a crash as failed.
@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import sys
 import threading
-import time
 from functools import cache
 
 import torch
@@ -36,8 +34,6 @@ from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
 POLL_SECONDS = 0.5
-RESTART_LIMIT = 5  # more restarts than this within the window is a crash loop
-RESTART_WINDOW_SECONDS = 60.0
 
 
 @cache
@@ -139,52 +135,22 @@ def trainer_loop(settings: Settings) -> None:
 
 
 class TrainerProcess:
-    """The trainer beside the server, watched: a trainer that dies is replaced within a second
-    (the replacement marks its job failed and the queue goes on); a crash loop stops the server."""
-
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.process = self._new_process()
-        self._guard = threading.Lock()
-        self._stopping = threading.Event()
-        self._restarts: list[float] = []
-
-    def _new_process(self) -> mp.process.BaseProcess:
-        return mp.get_context("spawn").Process(
-            target=trainer_loop, args=(self.settings,), name="digits-trainer", daemon=False
+        self.process = mp.get_context("spawn").Process(
+            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
         )
 
     def start(self) -> TrainerProcess:
         self.process.start()
-        threading.Thread(target=self._watch, name="digits-trainer-watch", daemon=True).start()
         return self
 
-    def _watch(self) -> None:
-        while not self._stopping.wait(1.0):
-            with self._guard:
-                if self._stopping.is_set() or self.process.is_alive():
-                    continue
-                now = time.monotonic()
-                self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
-                if len(self._restarts) > RESTART_LIMIT:
-                    log.error("the trainer died %d times in %.0f s; stopping the server", len(self._restarts),
-                              RESTART_WINDOW_SECONDS)
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                log.error("trainer %s exited (code %s); starting a new one", self.process.pid,
-                          self.process.exitcode)
-                self.process = self._new_process()
-                self.process.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        with self._guard:
-            if self.process.is_alive():
-                self.process.terminate()  # SIGTERM: the running job stops at its next step
-                self.process.join(timeout)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(2)
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: the running job stops at its next step
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
 
 
 def start_trainer(settings: Settings) -> TrainerProcess:
