@@ -41,9 +41,13 @@ RESTART_LIMIT = 5  # restarts of one process within the window: a crash loop, gi
 RESTART_WINDOW_SECONDS = 60.0
 
 
-def free_port() -> int:
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else any free port."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
@@ -365,7 +369,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--port", type=int, default=8000, help="nginx listens on 127.0.0.1:PORT")
-    parser.add_argument("--prometheus-port", type=int, default=9090, help="0: no Prometheus")
+    parser.add_argument("--prometheus-port", type=int, default=9090,
+                        help="Prometheus on 127.0.0.1:PORT (another free one when taken); 0: none")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for tool in ("nginx", *(["prometheus"] if args.prometheus_port else [])):
@@ -376,7 +381,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="digits-replicas-"))
     signal.signal(signal.SIGTERM, _interrupt)  # SIGINT raises KeyboardInterrupt already
     topology = Topology(root, settings.registry.resolve(), args.replicas, args.port,
-                        args.prometheus_port or None, settings.admin_token_value(),
+                        free_port(args.prometheus_port) if args.prometheus_port else None, settings.admin_token_value(),
                         env={"DIGITS_DATA_DIR": str(settings.data_dir.resolve())})
     try:
         print(f"starting {args.replicas} replicas and a trainer on {topology.registry} "
