@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,7 +243,7 @@ class Topology:
                                       self.trainer_metrics_port) if prometheus_port is not None else None)
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="digits-supervisor", daemon=True)
-        self.events: list[str] = []  # what the supervisor did, for logs and tests
+        self.events: deque[str] = deque(maxlen=1000)  # what the supervisor did lately, for logs and tests
 
     @property
     def url(self) -> str:
