@@ -40,7 +40,7 @@ browser:
 	@command -v chromium >/dev/null || { echo "==> installing Chromium for the browser test (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# The replicas topology and its test drive Debian's nginx and Prometheus (never started as services).
+# The replicas topology and its test drive Debian's nginx and Prometheus: their own instances, on 127.0.0.1.
 replicas-tools:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "==> installing nginx (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
