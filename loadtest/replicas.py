@@ -282,9 +282,9 @@ class Topology:
         except requests.RequestException:
             return False
 
-    def _note(self, message: str) -> None:
+    def _note(self, message: str, level: int = logging.WARNING) -> None:
         self.events.append(f"{time.time():.3f} {message}")
-        log.warning(message)
+        log.log(level, message)
 
     def _restart(self, child: Child) -> None:
         now = time.monotonic()
@@ -304,16 +304,22 @@ class Topology:
     def _supervise(self) -> None:
         upstreams = [r.port for r in self.replicas]
         while not self._stopping.wait(SUPERVISE_SECONDS):
-            for child in (self.trainer, self.nginx.child, *([self.prometheus.child] if self.prometheus else [])):
-                if not child.alive() and not self._stopping.is_set():
-                    self._restart(child)
-            for replica in self.replicas:
-                self._check_replica(replica)
-            serving = [r.port for r in self.replicas if r.in_service] or [r.port for r in self.replicas]
-            if serving != upstreams and not self._stopping.is_set():
-                upstreams = serving
-                self._note(f"nginx upstreams now {serving}")
-                self.nginx.reload(serving)
+            try:
+                upstreams = self._supervise_once(upstreams)
+            except Exception:  # keep supervising whatever one round ran into
+                log.exception("supervisor round failed")
+
+    def _supervise_once(self, upstreams: list[int]) -> list[int]:
+        for child in (self.trainer, self.nginx.child, *([self.prometheus.child] if self.prometheus else [])):
+            if not child.alive() and not self._stopping.is_set():
+                self._restart(child)
+        for replica in self.replicas:
+            self._check_replica(replica)
+        serving = [r.port for r in self.replicas if r.in_service] or [r.port for r in self.replicas]
+        if serving != upstreams and not self._stopping.is_set():
+            self._note(f"nginx upstreams now {serving}", logging.INFO)
+            self.nginx.reload(serving)
+        return serving
 
     def _check_replica(self, replica: Replica) -> None:
         if not replica.alive():
@@ -327,7 +333,7 @@ class Topology:
             replica.ready_failures = 0
             if not replica.in_service:
                 replica.in_service = True
-                self._note(f"{replica.name} is ready; into nginx's upstreams")
+                self._note(f"{replica.name} is ready; into nginx's upstreams", logging.INFO)
         elif replica.in_service:
             replica.ready_failures += 1
             if replica.ready_failures >= READY_FAILURES_TO_LEAVE:
