@@ -180,11 +180,10 @@ class Prometheus:
         directory.mkdir(parents=True, exist_ok=True)
         config = {  # JSON is YAML
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [
-                {"job_name": "digits", "static_configs": [
-                    {"targets": [f"127.0.0.1:{p}" for p in replica_ports], "labels": {"role": "serving"}}]},
-                {"job_name": "digits-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
-            ],
+            "scrape_configs": [{"job_name": "digit-service", "static_configs": [  # labelled as on Kubernetes
+                {"targets": [f"127.0.0.1:{p}" for p in replica_ports], "labels": {"component": "serving"}},
+                {"targets": [f"127.0.0.1:{trainer_port}"], "labels": {"component": "trainer"}},
+            ]}],
         }
         (directory / "prometheus.yml").write_text(json.dumps(config, indent=2))
         binary = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -29,7 +29,7 @@ from model.registry import Registry
 from model.train import EpochStats
 from service import metrics
 from service.jobs import JobStore
-from service.schemas import JobRecord
+from service.schemas import JobRecord, JobState
 from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
@@ -43,8 +43,8 @@ def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mark_interrupted(store: JobStore) -> None:
     for record in store.all():
-        if record.state == "running":
-            record.state = "failed"
+        if record.state == JobState.RUNNING:
+            record.state = JobState.FAILED
             record.message = "interrupted: the trainer stopped (crash or restart) while this job ran; resubmit it"
             store.save(record)
             log.warning("marked interrupted job %s as failed", record.job_id, extra={"job_id": record.job_id})
@@ -52,7 +52,7 @@ def mark_interrupted(store: JobStore) -> None:
 
 def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Settings,
             stop: threading.Event) -> JobRecord:
-    record.state = "running"
+    record.state = JobState.RUNNING
     record.parent_version = registry.active_version()
     record.message = "training"
     store.save(record)
@@ -79,14 +79,15 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                 data_hash=manifest.data_hash,
                 hyperparameters=record.options.model_dump(),
             )
-            record.state, record.produced_version = "succeeded", published.version
+            record.state, record.produced_version = JobState.SUCCEEDED, published.version
         else:
-            record.state = "rejected"
+            record.state = JobState.REJECTED
     except InterruptedError:
-        record.state, record.message = "failed", "interrupted: the trainer was stopped while this job ran; resubmit it"
+        record.state = JobState.FAILED
+        record.message = "interrupted: the trainer was stopped while this job ran; resubmit it"
     except Exception as exc:
         log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
-        record.state, record.message = "failed", f"{type(exc).__name__}: {exc}"
+        record.state, record.message = JobState.FAILED, f"{type(exc).__name__}: {exc}"
     store.save(record)
     metrics.finetune_jobs.labels(record.state).inc()
     log.info("job %s %s: %s", record.job_id, record.state, record.message, extra={"job_id": record.job_id})
@@ -97,7 +98,7 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     """Wait for the registry's trainer lock, then run queued jobs until ``stop`` is set."""
     registry = Registry(settings.registry)
     store = JobStore(registry)
-    lock = FileLock(str(registry.root / ".trainer.lock"))
+    lock = FileLock(str(registry.trainer_lock_path))
     waiting = False
     while not stop.is_set():
         try:
@@ -134,27 +135,12 @@ def trainer_loop(settings: Settings) -> None:
     run_trainer(settings, stop)
 
 
-class TrainerProcess:
-    def __init__(self, settings: Settings) -> None:
-        self.process = mp.get_context("spawn").Process(
-            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
-        )
-
-    def start(self) -> TrainerProcess:
-        self.process.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
-            self.process.terminate()  # SIGTERM: the running job stops at its next step
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2)
-
-
-def start_trainer(settings: Settings) -> TrainerProcess:
-    return TrainerProcess(settings).start()
+def start_trainer(settings: Settings) -> mp.Process:
+    """The trainer as a child process (spawned: it imports torch afresh). It stops its job at the
+    next step on SIGTERM; the server's supervisor replaces it if it dies."""
+    process = mp.get_context("spawn").Process(target=trainer_loop, args=(settings,), name="digits-trainer")
+    process.start()
+    return process
 
 
 def main() -> int:

@@ -201,16 +201,17 @@ def test_prometheus_counts_every_prediction_over_all_replicas(topology: Topology
     assert topology.prometheus is not None
     sent = predictions.statuses[200]
     assert sent > 200 and set(predictions.statuses) == {200}, predictions.statuses
-    query = 'sum(digits_http_requests_total{job="digits",route="/predict",status="200"})'
+    predictions_200 = 'digits_http_requests_total{component="serving",route="/predict",status="200"}'
+    query = f"sum({predictions_200})"
 
     def counted() -> float | None:
         result = topology.prometheus.query(query)
         return float(result[0]["value"][1]) if result else None
 
     assert wait_until(lambda: counted() == sent, 20, interval=0.5), (counted(), sent)
-    per_replica = topology.prometheus.query('digits_http_requests_total{route="/predict",status="200"}')
+    per_replica = topology.prometheus.query(predictions_200)
     assert len(per_replica) == len(topology.replicas)
-    assert topology.prometheus.query('up{job="digits-trainer"}')[0]["value"][1] == "1"
+    assert topology.prometheus.query('up{component="trainer"}')[0]["value"][1] == "1"
 
 
 def test_a_replica_killed_under_load_costs_under_a_tenth_of_a_percent_and_rejoins(
