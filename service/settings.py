@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     trainer_threads: int = Field(1, ge=1, le=64, description="torch threads of the fine-tune trainer")
     trainer_enabled: bool = Field(True, description="run the fine-tune trainer process beside the server")
 
+    # replicas: a standalone trainer (python -m service.trainer) beside serving replicas
+    trainer_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="standalone trainer: serve its /metrics on DIGITS_HOST:this port"
+    )
+
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="one structured log line per request")
