@@ -64,6 +64,10 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def registry(self) -> Path:
+        return Path(self.env["DIGITS_REGISTRY"])
+
     def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
         env = {**os.environ, "DIGITS_PORT": str(self.port), **self.env}
         self.log_path = log_dir / f"server-{self.port}.log"

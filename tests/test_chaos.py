@@ -1,0 +1,122 @@
+"""Chaos, bounded (about a minute): load from several clients while a worker, an API server and
+the trainer are killed, versions are activated and a fine-tune runs. Afterwards nothing that was
+accepted is lost, the registry is consistent, and only requests in flight at a kill failed."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import requests
+
+from model.registry import Registry
+from tests.conftest import png_of, wait_until
+
+TOKEN = "chaos-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def holders(url: str) -> dict[tuple[str, int], int]:
+    body = requests.get(f"{url}/ready", timeout=5).json()
+    return {(h["role"], h["index"]): h["pid"] for h in body["holders"]}
+
+
+def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, mnist_train) -> None:
+    server = start_server(registry_copy.root, inference="worker", api_servers=2, admin_token=TOKEN,
+                          feedback_rate=1000, feedback_burst=1000)
+    url, images, labels = server.url, *mnist_test
+    stop = threading.Event()
+    predictions: list[tuple[float, int | str]] = []
+    feedback_ids: list[str] = []
+
+    def predict_client(offset: int) -> None:
+        session, deadline = requests.Session(), time.monotonic() + 120
+        i = offset
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                status = session.post(f"{url}/predict", files={"file": ("d.png", png_of(images[i % 500]))},
+                                      timeout=10).status_code
+            except requests.RequestException as exc:
+                status = type(exc).__name__
+            predictions.append((time.monotonic(), status))
+            i += 7
+
+    def feedback_client() -> None:
+        session, deadline = requests.Session(), time.monotonic() + 120
+        i = 0
+        while not stop.is_set() and time.monotonic() < deadline and i < 200:
+            try:
+                response = session.post(f"{url}/feedback", timeout=10, files={"file": ("d.png", png_of(images[i]))},
+                                        data={"label": str(int(labels[i]))})
+                if response.status_code == 201:
+                    feedback_ids.append(response.json()["stored"])
+            except requests.RequestException:
+                pass
+            i += 1
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=predict_client, args=(k,)) for k in range(3)]
+    threads.append(threading.Thread(target=feedback_client))
+    for thread in threads:
+        thread.start()
+    kills: list[float] = []
+    try:
+        samples = [{"image": base64.b64encode(png_of(mnist_train[0][i])).decode(), "label": int(mnist_train[1][i])}
+                   for i in range(60)]
+        jobs = [requests.post(f"{url}/admin/finetune", headers=AUTH, timeout=60,
+                              json={"samples": samples, "epochs": e}).json()["job_id"] for e in (20, 1)]
+        time.sleep(2)
+        kills.append(time.monotonic())
+        os.kill(holders(url)[("worker", 0)], signal.SIGKILL)
+        assert wait_until(lambda: len(holders(url)) == 2, 90, interval=0.2)  # a new worker is warm
+        kills.append(time.monotonic())
+        os.kill(api_server_pids(server)[0], signal.SIGKILL)
+        trainer = [json.loads(line)["pid"] for line in server.log_tail(10**7).splitlines() if '"trainer ready' in line]
+        kills.append(time.monotonic())
+        os.kill(trainer[-1], signal.SIGKILL)
+        registry = Registry(registry_copy.root)
+        model_versions = [m.version for m in registry.list_versions()]
+        for version in (model_versions[0], model_versions[-1]):
+            response = requests.post(f"{url}/admin/models/{version}/activate", headers=AUTH, timeout=30)
+            assert response.status_code == 200
+        job = lambda job_id: requests.get(f"{url}/admin/jobs/{job_id}", headers=AUTH, timeout=10).json()  # noqa: E731
+        assert wait_until(lambda: all(job(j)["state"] in ("succeeded", "rejected", "failed") for j in jobs), 120,
+                          interval=0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+    # nothing accepted is lost, the registry is consistent
+    registry = Registry(registry_copy.root)
+    stored = requests.get(f"{url}/admin/jobs", headers=AUTH, timeout=10).json()
+    assert {j["job_id"] for j in stored} >= set(jobs)
+    assert all(registry.samples_path(j).is_file() for j in jobs)
+    assert set(feedback_ids) <= {p.stem for p in registry.feedback_dir.glob("*.safetensors")}
+    for manifest in registry.list_versions():
+        for name in manifest.files:
+            assert registry.verify_artifact(manifest.version, name), (manifest.version, name)
+    assert registry.exists(registry.active_version()) and not any(registry.staging_dir.iterdir())
+    # failures only around the kills, never a hang
+    failed = [(t, s) for t, s in predictions if s != 200]
+    assert all(s in (503, "ConnectionError") for _, s in failed), failed[:5]
+    assert all(any(0 <= t - k < 5 for k in kills) for t, _ in failed), failed[:5]
+    assert sum(s == 200 for _, s in predictions) > 100
+    assert requests.get(f"{url}/ready", timeout=5).status_code == 200
+
+
+def api_server_pids(server) -> list[int]:
+    """The forked uvicorn servers: the main process's children that listen on the port."""
+    pids = []
+    for child in psutil.Process(server.process.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.port for c in child.net_connections()):
+                pids.append(child.pid)
+    assert pids, "no API server found"
+    return pids
