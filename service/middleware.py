@@ -16,8 +16,8 @@ access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
-def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
-    body = json.dumps({"error": code, "detail": detail, "request_id": request_id}).encode()
+def json_body(payload: dict) -> tuple[list, bytes]:
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return headers, body  # the request-context middleware adds X-Request-ID
 
@@ -96,7 +96,7 @@ class BodyLimitMiddleware:
         request_id = scope.get("state", {}).get("request_id")
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit, int(declared), request_id)
+            await self._reject(send, limit, int(declared), request_id, scope["path"])
             return
         received = 0
         response_started = False
@@ -120,12 +120,14 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
-                await self._reject(send, limit, received, request_id)
+                await self._reject(send, limit, received, request_id, scope["path"])
 
     @staticmethod
-    async def _reject(send: Send, limit: int, size: int, request_id: str | None) -> None:
-        headers, body = json_error(
-            413, "payload_too_large", f"the request body is {size:,}+ bytes; the limit is {limit:,}", request_id
-        )
+    async def _reject(send: Send, limit: int, size: int, request_id: str | None, path: str) -> None:
+        detail = f"the request body is {size:,}+ bytes; the limit is {limit:,}"
+        if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+            headers, body = json_body({"error": detail})
+        else:
+            headers, body = json_body({"error": "payload_too_large", "detail": detail, "request_id": request_id})
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

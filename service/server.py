@@ -189,6 +189,9 @@ def build_server(settings: Settings) -> DigitServer:
     from service.admin import install_admin_routes
 
     install_admin_routes(app, settings)
+    from service import v2
+
+    v2.install(app, settings)
     # add_middleware wraps: the last added runs first, so request ids exist before the body check.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        admin_max_bytes=settings.finetune_max_body_bytes)

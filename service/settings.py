@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     run_dir: Path | None = Field(None, description="scratch dir for metrics and readiness; default: a temp dir")
     warmup_measure_runs: int = Field(20, ge=1, description="timed runs per runtime when runtime=auto")
 
+    # Open Inference Protocol (KServe V2): REST under /v2 on the HTTP port, gRPC on its own port
+    grpc_port: int = Field(
+        8001, ge=1, le=65535,
+        description="gRPC port of inference.GRPCInferenceService; every API server binds it (SO_REUSEPORT)",
+    )
+
     # test-only: make torch.compile fail so the ONNX fallback is exercised
     test_fail_compile: bool = Field(False, description="test only: simulate a torch.compile failure")
 
