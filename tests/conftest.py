@@ -102,6 +102,7 @@ class ServerProcess:
     registry: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -109,10 +110,15 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
     def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
         env = {
             **os.environ,
             "DIGITS_PORT": str(self.port),
+            "DIGITS_GRPC_PORT": str(self.grpc_port),
             "DIGITS_REGISTRY": str(self.registry),
             "DIGITS_DATA_DIR": str(DATA_DIR),
             "DIGITS_RUNTIME": "onnx",
