@@ -411,6 +411,21 @@ def test_hot_swap_shows_in_model_version_within_two_seconds(server, http_client,
     Registry(server.registry).activate("v0001")
 
 
+def test_grpc_port_in_use_stops_the_server(registry_copy, tmp_path) -> None:
+    """Like an HTTP port in use: the server does not run half-working without gRPC."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        proc = ServerProcess(registry_copy.root, grpc_port=blocker.getsockname()[1],
+                             env={"DIGITS_TRAINER_ENABLED": "false"})
+        try:
+            proc.start(tmp_path, wait_ready=0)
+            assert wait_until(lambda: proc.process.poll() is not None, 90), "server still running"
+            assert f"cannot serve gRPC on port {proc.grpc_port}" in proc.log_path.read_text()
+        finally:
+            proc.stop()
+
+
 def test_sigterm_stops_grpc_with_everything_else(server) -> None:
     """Last in this module: stops the module's server."""
     processes = server.descendants()

@@ -8,6 +8,9 @@ and starts the gRPC server with each API-server process (stopped at its shutdown
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -15,6 +18,8 @@ from fastapi import FastAPI
 from service.settings import Settings
 from service.v2.errors import ProtocolError
 from service.v2.rest import protocol_error, router
+
+log = logging.getLogger("digits.grpc")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -39,7 +44,14 @@ async def grpc_serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     from service.v2.interim_predictor import ensure_predictor
 
     ensure_predictor(app, settings)
-    server = await grpc_server.start(app, settings)
+    try:
+        server = await grpc_server.start(app, settings)
+    except RuntimeError:
+        # Like an HTTP port in use: never a half-working server. The parent (the main
+        # process) stops everything through its SIGTERM path.
+        log.exception("cannot serve gRPC on port %d; stopping the server", settings.grpc_port)
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise
     try:
         yield
     finally:
