@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -154,19 +156,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="per row")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--runtime", default="onnx")
     parser.add_argument("--registry", type=Path, default=Path("registry"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
     args.reports.mkdir(parents=True, exist_ok=True)
-    registry = private_registry(args.registry, args.reports / "v2-bench-registry")
-    port, grpc_port = 8102, 8103
-    print(f"service ({args.runtime}): starting ...", flush=True)
-    with service(port, log_path=args.reports / "bench-v2.log", runtime=args.runtime, access_log="false",
-                 trainer_enabled="false", registry=str(registry), grpc_port=str(grpc_port)):
-        rows = v2_rows(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", args.data_dir, args.concurrency,
-                       args.seconds)
+    registry = private_registry(args.registry, Path(tempfile.mkdtemp(prefix="v2-bench-registry-")))
+    print("service (default settings): starting ...", flush=True)
+    try:
+        with service(8102, args.reports, access_log="false", trainer_enabled="false", registry=str(registry)) as server:
+            rows = v2_rows(server.url, server.grpc_address, args.data_dir, args.concurrency, args.seconds)
+    finally:
+        shutil.rmtree(registry, ignore_errors=True)
     print_rows(rows)
     return 1 if any(r.failed for r in rows) else 0
 

@@ -68,13 +68,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary name, then rename into place: readers see the old or the new file,
+    never a part. ``durable=False`` skips the fsync, for scratch files that need not survive a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -231,6 +234,26 @@ class Registry:
         path = self.version_dir(version) / name
         expected = self.get(version).files.get(name)
         return path.is_file() and expected is not None and sha256_file(path) == expected
+
+    def base_version(self) -> str | None:
+        """The oldest version trained from scratch (no parent): what `make train` published."""
+        bases = [m.version for m in self.list_versions() if m.parent is None]
+        return bases[0] if bases else None
+
+    def import_version(self, source: Registry, version: str, activate: bool = True) -> Manifest:
+        """Copy ``version`` of another registry in as this registry's next version (files and
+        manifest, renamed as a whole like a publish); its lineage is reset (no parent, no job)."""
+        with self.lock:
+            self._clear_staging()
+            new_version = self._next_version()
+            staging = self.staging_dir / f"{new_version}.{os.getpid()}"
+            shutil.copytree(source.version_dir(version), staging)
+            manifest = source.get(version).model_copy(update={"version": new_version, "parent": None, "job_id": None})
+            atomic_write_bytes(staging / MANIFEST, manifest.model_dump_json(indent=2).encode())
+            os.rename(staging, self.versions_dir / new_version)
+            if activate:
+                self._write_active(new_version)
+            return manifest
 
     def activate(self, version: str) -> None:
         if not self.exists(version):

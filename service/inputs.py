@@ -1,8 +1,7 @@
 """HTTP bodies -> validated 28x28 digits, in the API-server processes.
 
-Everything a client can get wrong is caught here, before the request joins a batch, so a
-bad request gets its own 4xx and never fails its neighbours. Only 784 bytes per request
-cross the queue to the inference worker.
+Everything a client can get wrong is caught here, before the model sees the request, so a
+bad request gets its own 4xx and never fails its neighbours in a batch.
 """
 
 from __future__ import annotations
@@ -10,22 +9,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import re
-import time
-from typing import NamedTuple
 
 import numpy as np
 from fastapi import HTTPException, Request
+from multipart.exceptions import MultipartParseError
+from multipart.multipart import MultipartParser, parse_options_header
+from PIL import Image
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from model.preprocess import ImageProblem, prepare_digit
 from service.schemas import PredictJSON
 
-# Decoding a big photo takes tens of milliseconds: do it off the event loop. Small images
-# (the common case) are cheaper to decode in place than to hand to a thread.
-INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
+HEAVY_DECODES = 2  # concurrent decodes of bigger images per API server
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 
@@ -35,14 +34,6 @@ class ClientError(HTTPException):
     def __init__(self, status_code: int, code: str, detail: str | list) -> None:
         super().__init__(status_code=status_code, detail=detail)
         self.code = code
-
-
-class DigitInput(NamedTuple):
-    """What crosses the queue to the inference worker for one request."""
-
-    pixels: bytes  # uint8 [28,28], white on black
-    request_id: str
-    enqueued_at: float  # time.monotonic(): system-wide on Linux, so comparable across processes
 
 
 def validation_detail(exc: ValidationError) -> list[dict]:
@@ -85,18 +76,58 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def image_bytes_from_request(request: Request, max_bytes: int) -> bytes:
-    """The uploaded image: multipart field ``file`` or JSON ``{"image": base64}``."""
-    kind = media_type(request)
+def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
+    """The bytes of one field of an in-memory multipart body (python-multipart's low-level
+    parser: no temporary files, no UploadFile objects); None when the field is absent."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ClientError(422, "malformed_multipart", "the multipart Content-Type has no boundary")
+    found: dict[str, bytes] = {}
+    chunks: list[bytes] = []
+    header_name: list[bytes] = []
+    header_value: list[bytes] = []
+    current: list[str | None] = [None]
+
+    def on_header_end() -> None:
+        if b"".join(header_name).lower() == b"content-disposition":
+            _, options = parse_options_header(b"".join(header_value))
+            name = options.get(b"name")
+            current[0] = name.decode("latin-1") if name is not None else None
+        header_name.clear()
+        header_value.clear()
+
+    def on_part_end() -> None:
+        if current[0] is not None and current[0] not in found:
+            found[current[0]] = b"".join(chunks)
+        chunks.clear()
+        current[0] = None
+
+    parser = MultipartParser(boundary, {
+        "on_part_data": lambda data, start, end: chunks.append(data[start:end]),
+        "on_part_end": on_part_end,
+        "on_header_field": lambda data, start, end: header_name.append(data[start:end]),
+        "on_header_value": lambda data, start, end: header_value.append(data[start:end]),
+        "on_header_end": on_header_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+    return found.get(field)
+
+
+def image_bytes(content_type: str, body: bytes) -> bytes:
+    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
+    kind = content_type.split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await read_form(request, max_bytes, max_files=4)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        data = multipart_field(body, content_type, "file")
+        if data is None:
             raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-        return await upload.read()
+        return data
     if kind == "application/json" or kind.endswith("+json"):
-        payload = parse_json(await request.body(), PredictJSON)
-        return decode_base64(payload.image)
+        return decode_base64(parse_json(body, PredictJSON).image)
     raise ClientError(
         415,
         "unsupported_media_type",
@@ -112,16 +143,32 @@ def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ClientError(exc.status_code, exc.code, exc.message) from None
 
 
+def declared_pixels(data: bytes) -> int:
+    """width * height from the image header alone (0 when unreadable: prepare_digit then
+    names the problem)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return width * height
+
+
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:
-    if len(data) <= INLINE_DECODE_BYTES:
+    """Small images (the common case) are decoded in place: cheaper than a thread hop. Big ones
+    (by pixels, not bytes: a 30 KB PNG can declare 25 Mpx) go to a thread, a few at a time, so
+    they never stall the event loop and cannot pile up."""
+    if declared_pixels(data) <= INLINE_DECODE_PIXELS:
         return digit_from_bytes(data, max_pixels)
-    return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
+    async with heavy_decodes():
+        return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
 
 
-async def read_digit(request: Request) -> DigitInput:
-    """FastAPI dependency of POST /predict: the request's digit, ready to batch."""
-    settings = request.app.state.settings
-    data = await image_bytes_from_request(request, settings.max_body_bytes)
-    pixels = await digit_from_bytes_async(data, settings.max_pixels)
-    request_id = request.scope.get("state", {}).get("request_id", "")
-    return DigitInput(pixels.tobytes(), request_id, time.monotonic())
+_heavy: asyncio.Semaphore | None = None
+
+
+def heavy_decodes() -> asyncio.Semaphore:
+    global _heavy
+    if _heavy is None:
+        _heavy = asyncio.Semaphore(HEAVY_DECODES)
+    return _heavy

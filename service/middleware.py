@@ -58,8 +58,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
+            route_path = (scope.get("state", {}).get("route_path") or getattr(scope.get("route"), "path", None)
+                          or "unmatched")
             metrics.http_requests.labels(route_path, scope["method"], str(status_holder[0])).inc()
             metrics.http_latency.labels(route_path).observe(elapsed)
             if self.access_log_enabled:

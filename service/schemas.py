@@ -22,6 +22,9 @@ class PredictResponse(BaseModel):
     model_version: str
     runtime: str = Field(..., description="torch-compile or onnxruntime")
     request_id: str
+    input_png: str | None = Field(
+        None, description="with ?explain=true: base64 PNG of the 28x28 digit the model was given (white on black)"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -33,12 +33,18 @@ class Settings(BaseSettings):
     batching: Literal["window", "greedy"] = Field(
         "window", description="window: wait batch_timeout for a batch to fill; greedy: take what queued while busy"
     )
-    workers: int = Field(1, ge=1, le=16, description="inference worker processes per device")
+    inference: Literal["auto", "api", "worker"] = Field(
+        "auto", description="where the model runs: api (ONNX Runtime in every API server, CPU), worker (LitServe "
+        "inference workers batch requests from all API servers), auto: api on CPU unless DIGITS_RUNTIME=torch, "
+        "worker on CUDA"
+    )
+    workers: int = Field(1, ge=1, le=16, description="inference worker processes per device (inference=worker)")
     api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
     worker_threads: int | None = Field(
         None, ge=1, le=256,
-        description="intra-op threads per inference worker (torch and ONNX Runtime); default: the CPUs this "
-        "process may use minus one per API server, at least 1 (measured: on 2 cores, 2 threads halve throughput)",
+        description="intra-op threads per model (torch and ONNX Runtime); default: 1 per API server with "
+        "inference=api, else the CPUs this process may use minus one per API server, at least 1 (measured: on 2 "
+        "cores, 2 threads halve throughput)",
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
@@ -67,9 +73,6 @@ class Settings(BaseSettings):
         description="gRPC port of inference.GRPCInferenceService; every API server binds it (SO_REUSEPORT)",
     )
 
-    # test-only: make torch.compile fail so the ONNX fallback is exercised
-    test_fail_compile: bool = Field(False, description="test only: simulate a torch.compile failure")
-
     @model_validator(mode="after")
     def _token_from_file(self) -> Settings:
         if self.admin_token is None and self.admin_token_file is not None:
@@ -82,7 +85,8 @@ class Settings(BaseSettings):
         return self.admin_token.get_secret_value() if self.admin_token else None
 
     def inference_threads(self) -> int:
-        """Threads for the model: the CPUs we may use (affinity/cgroup aware), minus the API servers'."""
+        """Threads for an inference worker's model: the CPUs we may use (affinity/cgroup aware),
+        minus the API servers'."""
         if self.worker_threads:
             return self.worker_threads
         return max(1, len(os.sched_getaffinity(0)) - self.api_servers * self.workers)

@@ -119,25 +119,9 @@ def trainer_loop(settings: Settings) -> None:
         lock.release()
 
 
-class TrainerProcess:
-    def __init__(self, settings: Settings) -> None:
-        self.process = mp.get_context("spawn").Process(
-            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
-        )
-
-    def start(self) -> TrainerProcess:
-        self.process.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
-            self.process.terminate()  # SIGTERM: the running job stops at its next step
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2)
-
-
-def start_trainer(settings: Settings) -> TrainerProcess:
-    return TrainerProcess(settings).start()
-
+def start_trainer(settings: Settings) -> mp.Process:
+    """The trainer as a child process (spawned: it imports torch afresh). It stops its job at the
+    next step on SIGTERM; the server's supervisor replaces it if it dies."""
+    process = mp.get_context("spawn").Process(target=trainer_loop, args=(settings,), name="digits-trainer")
+    process.start()
+    return process

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,16 @@ from model.preprocess import prepare_digit
 from model.registry import Registry
 from service.v2 import tensors
 from service.v2.errors import ProtocolError
-from tests.conftest import ROOT, ServerProcess, copy_registry, png_of, post_png, still_running, wait_until
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    copy_registry,
+    png_of,
+    post_png,
+    service_process,
+    still_running,
+    wait_until,
+)
 
 BATCH = 64
 CAP = 16 * 4  # DIGITS_MAX_BATCH_SIZE (default 16) x 4
@@ -85,18 +93,18 @@ def test_uint8_values_flat_or_nested_and_checked() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(base_registry, tmp_path_factory) -> ServerProcess:
-    """Two API servers (both bind the gRPC port), v0001 active and v0002 published but not active."""
-    root = tmp_path_factory.mktemp("v2")
-    registry = copy_registry(base_registry, root / "registry")
-    model, manifest = registry.load_model("v0001")
+def registry(base_registry, tmp_path_factory) -> Registry:
+    """v0001 active, and v0002 (the same model) published but not active."""
+    registry = copy_registry(base_registry, tmp_path_factory.mktemp("v2") / "registry")
+    registry.import_version(registry, "v0001", activate=False)
+    return registry
 
-    def copy_onnx(directory: Path, version: str) -> None:
-        shutil.copy(registry.onnx_path("v0001"), directory / "model.onnx")
 
-    registry.publish(model, manifest.arch, parent="v0001", write_artifacts=copy_onnx, activate=False)
-    proc = ServerProcess(registry.root, env={"DIGITS_API_SERVERS": "2", "DIGITS_TRAINER_ENABLED": "false"})
-    proc.start(root)
+@pytest.fixture(scope="module")
+def server(registry: Registry) -> ServerProcess:
+    """Two API servers: both bind the gRPC port."""
+    proc = service_process(registry.root, api_servers=2, trainer_enabled=False)
+    proc.start(registry.root.parent)
     yield proc
     proc.stop()
 
@@ -376,7 +384,7 @@ def test_grpc_bad_requests_get_status_codes(server, grpc_client, digits_batch) -
 # ------------------------------------------------------------------ hot swap and shutdown
 
 
-def test_hot_swap_shows_in_model_version_within_two_seconds(server, http_client, digits_batch) -> None:
+def test_hot_swap_shows_in_model_version_within_two_seconds(server, registry, http_client, digits_batch) -> None:
     pngs = digits_batch[0][:4]
     seen: list[tuple[float, str, str]] = []  # (monotonic time, transport, model_version)
     stop = threading.Event()
@@ -399,7 +407,7 @@ def test_hot_swap_shows_in_model_version_within_two_seconds(server, http_client,
     try:
         assert wait_until(lambda: len(seen) >= 4, 30, interval=0.05)
         activated = time.monotonic()
-        Registry(server.registry).activate("v0002")
+        registry.activate("v0002")
         assert wait_until(lambda: {v for t, _, v in seen if t > activated + 2.0}, 10, interval=0.05)
     finally:
         stop.set()
@@ -408,7 +416,7 @@ def test_hot_swap_shows_in_model_version_within_two_seconds(server, http_client,
     assert late == {("http", "v0002"), ("grpc", "v0002")}, late
     assert {v for t, _, v in seen if t < activated} == {"v0001"}
     assert http_client.get_model_metadata("digits")["versions"] == ["v0002"]
-    Registry(server.registry).activate("v0001")
+    registry.activate("v0001")
 
 
 def test_grpc_port_in_use_stops_the_server(registry_copy, tmp_path) -> None:
@@ -416,8 +424,8 @@ def test_grpc_port_in_use_stops_the_server(registry_copy, tmp_path) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
-        proc = ServerProcess(registry_copy.root, grpc_port=blocker.getsockname()[1],
-                             env={"DIGITS_TRAINER_ENABLED": "false"})
+        proc = service_process(registry_copy.root, trainer_enabled=False)
+        proc.grpc_port = blocker.getsockname()[1]
         try:
             proc.start(tmp_path, wait_ready=0)
             assert wait_until(lambda: proc.process.poll() is not None, 90), "server still running"

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from service import litserve_adapter as adapter
 from service.settings import Settings
 from service.v2.errors import ProtocolError
 from service.v2.rest import protocol_error, router
@@ -23,16 +22,10 @@ log = logging.getLogger("digits.grpc")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
+    """Call after the lifespan that sets ``app.state.predictor``: gRPC starts inside it."""
     app.include_router(router)
     app.add_exception_handler(ProtocolError, protocol_error)
-    outer = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
-        async with outer(app_), grpc_serving(app_, settings):
-            yield
-
-    app.router.lifespan_context = lifespan
+    adapter.add_lifespan(app, lambda app_: grpc_serving(app_, settings))
 
 
 @contextlib.asynccontextmanager
@@ -41,16 +34,12 @@ async def grpc_serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     # grpc is imported here, in the API-server process, so that gRPC's core is never
     # initialised in the parent that forks the API servers.
     from service.v2 import grpc_server
-    from service.v2.interim_predictor import ensure_predictor
 
-    ensure_predictor(app, settings)
     try:
         server = await grpc_server.start(app, settings)
     except RuntimeError:
-        # Like an HTTP port in use: never a half-working server. The parent (the main
-        # process) stops everything through its SIGTERM path.
-        log.exception("cannot serve gRPC on port %d; stopping the server", settings.grpc_port)
-        os.kill(os.getppid(), signal.SIGTERM)
+        # This API server exits; the supervisor's crash-loop rule stops the server if it keeps failing.
+        log.exception("cannot serve gRPC on port %d; this API server exits", settings.grpc_port)
         raise
     try:
         yield

@@ -94,6 +94,15 @@ def check_model(name: str) -> None:
         raise ProtocolError(404, f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
 
 
+def served_version(predictor, registry_root: Path, model_name: str, version: str = "") -> str:
+    """The version that answers now, after checking the model name and a requested version. A
+    worker-backed predictor learns its version from its first answer; until then, ACTIVE says."""
+    check_model(model_name)
+    served = predictor.model_version or Registry(registry_root).active_version() or ""
+    check_version(version, served, registry_root)
+    return served
+
+
 def check_version(version: str, served: str, registry_root: Path) -> None:
     """No version or the served one passes; another version in the registry is 400 (not served); any other 404."""
     if not version or version == served:

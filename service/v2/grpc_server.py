@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from fastapi import FastAPI
 
+from service import ops
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -71,21 +72,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.app.state.predictor
 
     def served_version(self, name: str, version: str) -> str:
-        digits.check_model(name)
-        served = self.predictor.model_version
-        digits.check_version(version, served, self.settings.registry)
-        return served
+        return digits.served_version(self.predictor, self.settings.registry, name, version)
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.predictor.ready())
+        return pb.ServerReadyResponse(ready=ops.readiness_report(self.app)["ready"])
 
     @answers_errors
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         self.served_version(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.predictor.ready())
+        return pb.ModelReadyResponse(ready=ops.readiness_report(self.app)["ready"])
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         meta = digits.server_metadata()

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from service import ops
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -43,15 +44,12 @@ def settings_of(request: Request) -> Settings:
 
 
 def served_version(request: Request, model_name: str, version: str = "") -> str:
-    """The version that answers: checks the model name and a version given in the path."""
-    digits.check_model(model_name)
-    served = request.app.state.predictor.model_version
-    digits.check_version(version, served, settings_of(request).registry)
-    return served
+    return digits.served_version(request.app.state.predictor, settings_of(request).registry, model_name, version)
 
 
-def readiness(ready: bool) -> JSONResponse:
-    """200 when ready; the spec's 4xx (400) with a body saying so when not."""
+def readiness(request: Request) -> JSONResponse:
+    """200 when /ready says ready; the spec's 4xx (400) with a body saying so when not."""
+    ready = ops.readiness_report(request.app)["ready"]
     body = ReadyResponse(ready=ready).model_dump()
     return JSONResponse(body, status_code=200 if ready else 400)
 
@@ -68,7 +66,7 @@ async def live() -> ReadyResponse:
 
 @router.get("/health/ready", summary="Readiness (follows /ready)", response_model=ReadyResponse)
 async def ready(request: Request) -> JSONResponse:
-    return readiness(request.app.state.predictor.ready())
+    return readiness(request)
 
 
 @router.get("/models/{model_name}", summary="Model metadata")
@@ -84,14 +82,14 @@ async def version_metadata(request: Request, model_name: str, version: str) -> M
 @router.get("/models/{model_name}/ready", summary="Model readiness", response_model=ReadyResponse)
 async def model_ready(request: Request, model_name: str) -> JSONResponse:
     served_version(request, model_name)
-    return readiness(request.app.state.predictor.ready())
+    return readiness(request)
 
 
 @router.get("/models/{model_name}/versions/{version}/ready", summary="Model version readiness",
             response_model=ReadyResponse)
 async def version_ready(request: Request, model_name: str, version: str) -> JSONResponse:
     served_version(request, model_name, version)
-    return readiness(request.app.state.predictor.ready())
+    return readiness(request)
 
 
 @router.get("/models/{model_name}/config", summary="Model configuration (Triton's shape)")
