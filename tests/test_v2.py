@@ -252,6 +252,21 @@ def test_grpc_answers_equal_predict(server, grpc_client, digits_batch, predict_a
             assert_same_as_predict(probabilities, digit, predict_answers)
 
 
+def test_through_the_inference_worker_too(start_server, registry_copy, digits_batch) -> None:
+    """inference=worker (the CUDA path): V2 requests join the workers' batches and still equal /predict."""
+    pngs = digits_batch[0]
+    server = start_server(registry_copy.root, inference="worker", trainer_enabled=False)
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert http.get_model_metadata("digits")["versions"] == ["v0001"]  # before any answer: ACTIVE
+    answers = [post_png(server.url, png).json() for png in pngs]
+    result = http.infer("digits", [http_image_input(pngs, True)])
+    assert_same_as_predict(result.as_numpy("probabilities"), result.as_numpy("digit"), answers)
+    http.close()
+    with triton_grpc.InferenceServerClient(server.grpc_address) as client:
+        result = client.infer("digits", [grpc_input("image", np.array(pngs, dtype=object))])
+    assert_same_as_predict(result.as_numpy("probabilities"), result.as_numpy("digit"), answers)
+
+
 # ------------------------------------------------------------------ bad requests
 
 NOISE_PNG = png_of(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
