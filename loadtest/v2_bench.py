@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import shutil
 import statistics
@@ -119,7 +120,10 @@ async def measure_all(http_url: str, grpc_address: str, png: bytes, label: int, 
 
             rows.append(await measure("V2 HTTP binary", n, v2_http, concurrency, seconds))
 
-    client = triton_grpc.InferenceServerClient(grpc_address)
+    # one channel (one HTTP/2 connection) per request in flight, as aiohttp keeps one connection
+    # per request in flight: the API servers share the port per connection (SO_REUSEPORT)
+    clients = [triton_grpc.InferenceServerClient(grpc_address) for _ in range(concurrency)]
+    next_client = itertools.cycle(clients)
     try:
         for n in BATCH_SIZES:
             tensor = triton_grpc.InferInput("image", [n], "BYTES")
@@ -127,12 +131,13 @@ async def measure_all(http_url: str, grpc_address: str, png: bytes, label: int, 
             outputs = [triton_grpc.InferRequestedOutput("digit")]
 
             async def v2_grpc(tensor=tensor, outputs=outputs, n: int = n) -> bool:
-                digits = (await client.infer("digits", [tensor], outputs=outputs)).as_numpy("digit")
+                digits = (await next(next_client).infer("digits", [tensor], outputs=outputs)).as_numpy("digit")
                 return len(digits) == n and bool((digits == label).all())
 
             rows.append(await measure("V2 gRPC", n, v2_grpc, concurrency, seconds))
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
     return rows
 
 
