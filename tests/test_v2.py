@@ -316,6 +316,8 @@ def bad_http_cases(png: bytes) -> dict[str, tuple[str, dict, int, str]]:
         "binary_size_mismatch": (infer, binary_body(
             {"inputs": [{**pixels_json(), "data": None, "parameters": {"binary_data_size": 784}}]}, b"\0" * 100),
             400, "binary_data_size is 784"),
+        "binary_without_binary_data_size": (infer, binary_body({"inputs": [seven]}, b"\0" * 10), 400,
+                                            "no parameters.binary_data_size"),
         "header_length_past_the_body": (infer, dict(data=b"{}", headers={"Inference-Header-Content-Length": "99"}),
                                         400, "Inference-Header-Content-Length"),
         "truncated_binary_bytes": (infer, binary_body(

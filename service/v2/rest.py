@@ -153,6 +153,9 @@ async def input_pixels(item: RequestInput, spec: digits.TensorSpec, batch: int, 
     if size is not None and size != len(binary):
         raise bad_request(f"input '{item.name}': binary_data_size is {size} but {len(binary)} bytes follow "
                           "the JSON header")
+    if size is None and binary:
+        raise bad_request(f"{len(binary)} bytes follow the JSON header but input '{item.name}' has no "
+                          "parameters.binary_data_size")
     if spec is digits.IMAGE:
         images = (tensors.bytes_from_raw(binary, batch, item.name) if size is not None
                   else tensors.bytes_from_base64(item.data, batch, item.name))
