@@ -13,120 +13,52 @@ import io
 import re
 
 import numpy as np
-from fastapi import HTTPException, Request
-from multipart.exceptions import MultipartParseError
-from multipart.multipart import MultipartParser, parse_options_header
 from PIL import Image
-from pydantic import BaseModel, ValidationError
-from starlette.formparsers import MultiPartException
 
 from model.preprocess import ImageProblem, prepare_digit
+from service.bodies import is_json, kind_of, multipart_field, parse_json
+from service.errors import ClientError
 from service.schemas import PredictJSON
 
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
 HEAVY_DECODES = 2  # concurrent decodes of bigger images per API server
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-
-
-class ClientError(HTTPException):
-    """A 4xx whose JSON body names the problem: ``{"error": code, "detail": message}``."""
-
-    def __init__(self, status_code: int, code: str, detail: str | list) -> None:
-        super().__init__(status_code=status_code, detail=detail)
-        self.code = code
-
-
-def validation_detail(exc: ValidationError) -> list[dict]:
-    return [
-        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
-def parse_json(body: bytes, model: type[BaseModel]) -> BaseModel:
-    if not body:
-        raise ClientError(422, "empty_body", "the request body is empty; send JSON")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        kinds = {err["type"] for err in exc.errors()}
-        code = "malformed_json" if "json_invalid" in kinds else "invalid_fields"
-        raise ClientError(422, code, validation_detail(exc)) from None
+# base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
+# standard or url-safe alphabet (not mixed). Nothing else.
+WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+STANDARD_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+URLSAFE_BASE64 = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 def decode_base64(text: str, field: str = "image") -> bytes:
-    text = DATA_URL.sub("", text.strip(), count=1)
+    """Standard or url-safe base64, with or without padding, whitespace anywhere (a data URL
+    prefix is dropped); 422 naming ``field`` for anything else."""
+    text = WHITESPACE.sub("", DATA_URL.sub("", text.strip(), count=1))
+    if STANDARD_BASE64.match(text):
+        alphabet = None
+    elif URLSAFE_BASE64.match(text):
+        alphabet = b"-_"
+    else:
+        raise ClientError(422, "invalid_base64", f"'{field}' holds characters that are not base64")
+    text = text.rstrip("=")
+    if not text or len(text) % 4 == 1:
+        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64 (empty or truncated)")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
 
 
-async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000):
-    try:
-        return await request.form(
-            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
-        )
-    except MultiPartException as exc:
-        detail = f"the multipart body could not be parsed: {exc.message}"
-        raise ClientError(422, "malformed_multipart", detail) from None
-
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
-    """The bytes of one field of an in-memory multipart body (python-multipart's low-level
-    parser: no temporary files, no UploadFile objects); None when the field is absent."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ClientError(422, "malformed_multipart", "the multipart Content-Type has no boundary")
-    found: dict[str, bytes] = {}
-    chunks: list[bytes] = []
-    header_name: list[bytes] = []
-    header_value: list[bytes] = []
-    current: list[str | None] = [None]
-
-    def on_header_end() -> None:
-        if b"".join(header_name).lower() == b"content-disposition":
-            _, options = parse_options_header(b"".join(header_value))
-            name = options.get(b"name")
-            current[0] = name.decode("latin-1") if name is not None else None
-        header_name.clear()
-        header_value.clear()
-
-    def on_part_end() -> None:
-        if current[0] is not None and current[0] not in found:
-            found[current[0]] = b"".join(chunks)
-        chunks.clear()
-        current[0] = None
-
-    parser = MultipartParser(boundary, {
-        "on_part_data": lambda data, start, end: chunks.append(data[start:end]),
-        "on_part_end": on_part_end,
-        "on_header_field": lambda data, start, end: header_name.append(data[start:end]),
-        "on_header_value": lambda data, start, end: header_value.append(data[start:end]),
-        "on_header_end": on_header_end,
-    })
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
-    return found.get(field)
-
 
 def image_bytes(content_type: str, body: bytes) -> bytes:
     """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
-    kind = content_type.split(";")[0].strip().lower()
+    kind = kind_of(content_type)
     if kind == "multipart/form-data":
         data = multipart_field(body, content_type, "file")
         if data is None:
             raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
         return data
-    if kind == "application/json" or kind.endswith("+json"):
+    if is_json(kind):
         return decode_base64(parse_json(body, PredictJSON).image)
     raise ClientError(
         415,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -11,15 +10,10 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import json_error, json_parts
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-
-def json_body(payload: dict) -> tuple[list, bytes]:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return headers, body  # the request-context middleware adds X-Request-ID
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -126,8 +120,8 @@ class BodyLimitMiddleware:
     async def _reject(send: Send, limit: int, size: int, request_id: str | None, path: str) -> None:
         detail = f"the request body is {size:,}+ bytes; the limit is {limit:,}"
         if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
-            headers, body = json_body({"error": detail})
+            headers, body = json_parts({"error": detail})
         else:
-            headers, body = json_body({"error": "payload_too_large", "detail": detail, "request_id": request_id})
+            headers, body = json_error(413, "payload_too_large", detail, request_id)
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

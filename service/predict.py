@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -19,7 +18,8 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from model.preprocess import encode_png
-from service.inputs import ClientError, digit_from_bytes_async, image_bytes
+from service.errors import ClientError, json_error
+from service.inputs import digit_from_bytes_async, image_bytes
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
 
 log = logging.getLogger("digits.predict")
@@ -37,10 +37,6 @@ def answer(probabilities: np.ndarray, model_version: str, runtime: str, request_
     if pixels is not None:
         body["input_png"] = base64.b64encode(encode_png(pixels)).decode("ascii")
     return orjson.dumps(body)
-
-
-def error_body(status: int, code: str, detail: Any, request_id: str | None) -> bytes:
-    return orjson.dumps(ErrorBody(error=code, detail=detail, request_id=request_id).model_dump())
 
 
 def wants_explanation(query_string: bytes) -> bool:
@@ -87,12 +83,13 @@ class PredictEndpoint:
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,
                           pixels if explain else None)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         except ClientError as exc:
-            status, body = exc.status_code, error_body(exc.status_code, exc.code, exc.detail, request_id)
+            status = exc.status_code
+            headers, body = json_error(status, exc.code, exc.detail, request_id)
         except ConnectionResetError:
             return
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from service import litserve_adapter as adapter
 from service import readiness
-from service.inputs import ClientError
+from service.errors import ClientError
 from service.model_slot import ModelSlot
 from service.worker import ItemResult, WorkItem
 

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from model.registry import atomic_write_bytes
+from model.atomic import atomic_write_bytes
 
 
 def directory(run_dir: Path) -> Path:

@@ -7,55 +7,26 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.registry import Registry
+from service import admin, feedback, ops, predict, readiness, v2
 from service import litserve_adapter as adapter
-from service import ops, predict, readiness, v2
-from service.admin import install_admin_routes
+from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.model_slot import ModelSlot
 from service.placement import Placement, runtime_options
 from service.predict import PredictEndpoint
 from service.predictor import InProcessPredictor, WorkerPredictor
-from service.schemas import ErrorBody
 from service.settings import Settings
 from service.trainer import start_trainer
 from service.worker import PredictAPI
 
 log = logging.getLogger("digits.server")
 
-STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    500: "internal_error", 503: "unavailable", 504: "timeout",
-}
 ROLE_OF = {"inference worker": "worker", "API server": "api"}
-
-
-def error_response(status: int, code: str, detail, request: Request) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get("request_id")
-    body = ErrorBody(error=code, detail=detail, request_id=request_id).model_dump()
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, exc.detail, request)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return error_response(422, "invalid_request", detail, request)
 
 
 class PredictShortcut:
@@ -149,6 +120,7 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     app.include_router(ops.router)
     app.router.routes.append(Route(predict.PATH, PredictEndpoint(app), methods=["POST"]))  # 405 for others
     predict.document(app)
-    install_admin_routes(app, settings)
+    app.include_router(feedback.router)
+    app.include_router(admin.router)
     v2.install(app, settings)  # after the model lifespan: gRPC starts once the predictor exists
     return server

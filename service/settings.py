@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     run_dir: Path | None = Field(None, description="scratch dir for metrics and readiness; default: a temp dir")
     warmup_measure_runs: int = Field(20, ge=1, description="timed runs per runtime when runtime=auto")
 
+    # feedback (POST /feedback): bounded, rate-limited, optionally behind a token
+    feedback_max_samples: int = Field(
+        10_000, ge=1, description="stored feedback samples; beyond it /feedback answers 507 until emptied"
+    )
+    feedback_max_bytes: int = Field(32 * MiB, ge=1024, description="bytes of stored feedback (507 above)")
+    feedback_rate: float = Field(
+        1.0, gt=0, le=10_000, description="feedback posts per second per client address (token bucket refill)"
+    )
+    feedback_burst: int = Field(20, ge=1, le=10_000, description="feedback posts a client may send at once")
+    feedback_token: SecretStr | None = Field(None, description="bearer token /feedback requires; unset: open")
+
     # Open Inference Protocol (KServe V2): REST under /v2 on the HTTP port, gRPC on its own port
     grpc_port: int = Field(
         8001, ge=1, le=65535,
@@ -83,6 +94,9 @@ class Settings(BaseSettings):
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
+
+    def feedback_token_value(self) -> str | None:
+        return self.feedback_token.get_secret_value() if self.feedback_token else None
 
     def inference_threads(self) -> int:
         """Threads for an inference worker's model: the CPUs we may use (affinity/cgroup aware),

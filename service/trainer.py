@@ -23,7 +23,7 @@ from model.registry import Registry
 from model.train import EpochStats
 from service import metrics
 from service.jobs import JobStore
-from service.schemas import JobRecord
+from service.schemas import JobRecord, JobState
 from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
@@ -37,8 +37,8 @@ def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mark_interrupted(store: JobStore) -> None:
     for record in store.all():
-        if record.state == "running":
-            record.state = "failed"
+        if record.state == JobState.RUNNING:
+            record.state = JobState.FAILED
             record.message = "interrupted: the trainer stopped (crash or restart) while this job ran; resubmit it"
             store.save(record)
             log.warning("marked interrupted job %s as failed", record.job_id, extra={"job_id": record.job_id})
@@ -46,7 +46,7 @@ def mark_interrupted(store: JobStore) -> None:
 
 def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Settings,
             stop: threading.Event) -> JobRecord:
-    record.state = "running"
+    record.state = JobState.RUNNING
     record.parent_version = registry.active_version()
     record.message = "training"
     store.save(record)
@@ -73,14 +73,15 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                 data_hash=manifest.data_hash,
                 hyperparameters=record.options.model_dump(),
             )
-            record.state, record.produced_version = "succeeded", published.version
+            record.state, record.produced_version = JobState.SUCCEEDED, published.version
         else:
-            record.state = "rejected"
+            record.state = JobState.REJECTED
     except InterruptedError:
-        record.state, record.message = "failed", "interrupted: the server shut down while this job ran; resubmit it"
+        record.state = JobState.FAILED
+        record.message = "interrupted: the server shut down while this job ran; resubmit it"
     except Exception as exc:
         log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
-        record.state, record.message = "failed", f"{type(exc).__name__}: {exc}"
+        record.state, record.message = JobState.FAILED, f"{type(exc).__name__}: {exc}"
     store.save(record)
     metrics.finetune_jobs.labels(record.state).inc()
     log.info("job %s %s: %s", record.job_id, record.state, record.message, extra={"job_id": record.job_id})
@@ -97,7 +98,7 @@ def trainer_loop(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     registry = Registry(settings.registry)
     store = JobStore(registry)
-    lock = FileLock(str(registry.root / ".trainer.lock"))
+    lock = FileLock(str(registry.trainer_lock_path))
     while not stop.is_set():
         try:
             lock.acquire(timeout=POLL_SECONDS)
