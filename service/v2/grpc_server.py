@@ -27,6 +27,9 @@ STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
                 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 STOP_GRACE_SECONDS = 5.0
+# Calls one API server runs at once (each holds up to DIGITS_MAX_BODY_BYTES); more are refused
+# with RESOURCE_EXHAUSTED rather than queued without bound.
+MAX_CONCURRENT_RPCS = 128
 
 
 def answers_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -125,7 +128,7 @@ def address(host: str, port: int) -> str:
 
 async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
     """Start serving on DIGITS_HOST:DIGITS_GRPC_PORT; messages over DIGITS_MAX_BODY_BYTES are refused."""
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.so_reuseport", 1),
     ])
