@@ -331,6 +331,8 @@ def bad_http_cases(png: bytes) -> dict[str, tuple[str, dict, int, str]]:
         "unknown_model_metadata": ("/v2/models/letters", None, 404, "unknown model"),
         "not_served_version_metadata": ("/v2/models/digits/versions/v0002", None, 400, "not served"),
         "unknown_version_ready": ("/v2/models/digits/versions/v0042/ready", None, 404, "no version"),
+        "unknown_v2_route": ("/v2/models/digits/explain", None, 404, "Not Found"),
+        "wrong_method": ("/v2/models/digits/infer", None, 405, "Method Not Allowed"),
     }
 
 

@@ -11,7 +11,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import litserve_adapter as adapter
 from service.settings import Settings
@@ -22,9 +24,19 @@ log = logging.getLogger("digits.grpc")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Call after the lifespan that sets ``app.state.predictor``: gRPC starts inside it."""
+    """Call after the lifespan that sets ``app.state.predictor`` (gRPC starts inside it) and
+    after the service's error handlers (V2 paths get the protocol's error shape instead)."""
     app.include_router(router)
     app.add_exception_handler(ProtocolError, protocol_error)
+    service_handler = app.exception_handlers[StarletteHTTPException]
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own errors (an unknown /v2 path: 404, a wrong method: 405) in the spec's shape."""
+        if request.url.path == router.prefix or request.url.path.startswith(router.prefix + "/"):
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return await service_handler(request, exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     adapter.add_lifespan(app, lambda app_: grpc_serving(app_, settings))
 
 
