@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench image image-smoke clean protos
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench image image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -40,7 +40,18 @@ browser:
 	@command -v chromium >/dev/null || { echo "==> installing Chromium for the browser test (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: train browser
+# The replicas topology and its test drive Debian's nginx and Prometheus: their own instances, on 127.0.0.1.
+replicas-tools:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "==> installing nginx (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@command -v prometheus >/dev/null || { echo "==> installing Prometheus (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+replicas: train replicas-tools
+	@echo "==> nginx on http://127.0.0.1:8000 in front of 3 replicas and a trainer on a copy of $(REGISTRY)"
+	$(PY) -m loadtest.replicas
+
+test: train browser replicas-tools
 	@echo "==> tests"
 	$(PY) -m pytest -ra
 

@@ -143,11 +143,17 @@ class Registry:
         return version or None
 
     def active_marker(self) -> tuple[int, int] | None:
-        """A cheap fingerprint of the ACTIVE pointer (one stat call): it changes on every activation."""
+        """A cheap fingerprint of the ACTIVE pointer: it changes on every activation. Opened,
+        not just stat'ed: on a shared NFS volume an open revalidates the file (close-to-open
+        consistency) where a bare stat may answer from the attribute cache for seconds."""
         try:
-            st = os.stat(self.active_file)
+            fd = os.open(self.active_file, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         return st.st_ino, st.st_mtime_ns
 
     def load_state_dict(self, version: str) -> dict[str, torch.Tensor]:

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
     from model.registry import Registry
     from service import litserve_adapter as adapter
     from service import placement
+    from service.http_protocol import timed_protocol
     from service.logs import configure_logging
     from service.server import build_server
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
             log_level=settings.log_level,
             generate_client_file=False,
             access_log=False,  # ours is structured and carries the request id
+            http=timed_protocol(settings.read_timeout),
+            limit_concurrency=settings.max_connections,
         )
     except KeyboardInterrupt:
         pass

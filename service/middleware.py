@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -73,6 +74,29 @@ class BodyTooLarge(Exception):
     pass
 
 
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 5.0
+
+
+async def drain(receive: Receive, expected: int) -> None:
+    """Read and drop (a bounded amount of) the rest of a refused body before answering: a client
+    that sends its whole body before reading (urllib and many simple clients) then sees the 413
+    instead of a connection reset."""
+    budget = min(expected, DRAIN_MAX_BYTES)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    read = 0
+    while read < budget and time.monotonic() < deadline:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class BodyLimitMiddleware:
     """413 with a JSON body for bodies over the limit: by Content-Length before reading, and
     by counting for chunked uploads. Admin uploads (archives) get their own, larger limit."""
@@ -90,6 +114,7 @@ class BodyLimitMiddleware:
         request_id = scope.get("state", {}).get("request_id")
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            await drain(receive, int(declared))
             await self._reject(send, limit, int(declared), request_id, scope["path"])
             return
         received = 0
@@ -114,6 +139,7 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
+                await drain(receive, DRAIN_MAX_BYTES)
                 await self._reject(send, limit, received, request_id, scope["path"])
 
     @staticmethod

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
     # limits on what clients send
+    read_timeout: float = Field(10.0, gt=0, le=600, description="seconds a request may take to arrive whole (408)")
+    max_connections: int = Field(1024, ge=1, description="concurrent connections per API server (503 above)")
     max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
 
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
     finetune_max_body_bytes: int = Field(50 * MiB, ge=1024, description="largest admin upload body")
     trainer_threads: int = Field(1, ge=1, le=64, description="torch threads of the fine-tune trainer")
     trainer_enabled: bool = Field(True, description="run the fine-tune trainer process beside the server")
+
+    # replicas: a standalone trainer (python -m service.trainer) beside serving replicas
+    trainer_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="standalone trainer: serve its /metrics on DIGITS_HOST:this port"
+    )
 
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"

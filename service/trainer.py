@@ -1,20 +1,27 @@
-"""The fine-tune trainer: one process beside the server that runs queued jobs one at a time.
+"""The fine-tune trainer: one process that runs queued jobs one at a time.
 
-Out of the request path, with its torch threads capped so serving keeps its latency. A file
-lock in the registry makes it one trainer even across replicas sharing the registry. On
-start it marks jobs left ``running`` by a crash as failed.
+Out of the request path, with its torch threads capped so serving keeps its latency. It runs
+beside the server (``DIGITS_TRAINER_ENABLED=true``) or on its own (``python -m
+service.trainer``), for a deployment whose serving replicas run with
+``DIGITS_TRAINER_ENABLED=false``. A file lock in the registry makes it one trainer even
+across replicas sharing the registry; a second one waits for the lock and takes over when
+the first dies. On taking the lock it marks jobs left ``running`` by a crash as failed.
+SIGTERM stops it: a running job stops at its next training step and is marked failed.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 from functools import cache
 
 import torch
 from filelock import FileLock, Timeout
+from prometheus_client import start_http_server
 
 from model import data
 from model.finetune import finetune
@@ -78,7 +85,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
             record.state = JobState.REJECTED
     except InterruptedError:
         record.state = JobState.FAILED
-        record.message = "interrupted: the server shut down while this job ran; resubmit it"
+        record.message = "interrupted: the trainer was stopped while this job ran; resubmit it"
     except Exception as exc:
         log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
         record.state, record.message = JobState.FAILED, f"{type(exc).__name__}: {exc}"
@@ -88,28 +95,25 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
     return record
 
 
-def trainer_loop(settings: Settings) -> None:
-    from service.logs import configure_logging
-
-    configure_logging(settings.log_level)
-    torch.set_num_threads(settings.trainer_threads)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+def run_trainer(settings: Settings, stop: threading.Event) -> None:
+    """Wait for the registry's trainer lock, then run queued jobs until ``stop`` is set."""
     registry = Registry(settings.registry)
     store = JobStore(registry)
     lock = FileLock(str(registry.trainer_lock_path))
+    waiting = False
     while not stop.is_set():
         try:
             lock.acquire(timeout=POLL_SECONDS)
             break
         except Timeout:
-            continue  # another replica's trainer holds it; wait our turn
+            if not waiting:
+                log.info("another trainer holds %s; waiting to take over", lock.lock_file)
+                waiting = True
     else:
         return
     try:
         mark_interrupted(store)
-        log.info("trainer ready (threads=%d)", settings.trainer_threads)
+        log.info("trainer ready (threads=%d)", settings.trainer_threads, extra={"pid": os.getpid()})
         while not stop.is_set():
             queued = store.queued()
             if queued:
@@ -120,9 +124,47 @@ def trainer_loop(settings: Settings) -> None:
         lock.release()
 
 
+def trainer_loop(settings: Settings) -> None:
+    """The trainer process beside the server: SIGTERM stops it; SIGINT is the main process's."""
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    torch.set_num_threads(settings.trainer_threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    run_trainer(settings, stop)
+
+
 def start_trainer(settings: Settings) -> mp.Process:
     """The trainer as a child process (spawned: it imports torch afresh). It stops its job at the
     next step on SIGTERM; the server's supervisor replaces it if it dies."""
     process = mp.get_context("spawn").Process(target=trainer_loop, args=(settings,), name="digits-trainer")
     process.start()
     return process
+
+
+def main() -> int:
+    """``python -m service.trainer``: the trainer on its own until SIGTERM or SIGINT, for a
+    deployment whose serving replicas run with ``DIGITS_TRAINER_ENABLED=false``."""
+    from service.logs import configure_logging
+
+    settings = Settings(_cli_parse_args=True)
+    configure_logging(settings.log_level)
+    if Registry(settings.registry).active_version() is None:
+        print(f"error: {settings.registry} has no active model; run `make train` first", file=sys.stderr)
+        return 2
+    torch.set_num_threads(settings.trainer_threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if settings.trainer_metrics_port is not None:
+        start_http_server(settings.trainer_metrics_port, addr=settings.host)
+        log.info("trainer metrics on http://%s:%d/metrics", settings.host, settings.trainer_metrics_port)
+    run_trainer(settings, stop)
+    log.info("trainer stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

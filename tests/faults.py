@@ -2,6 +2,7 @@
 
     python -m tests.faults poison         # the model fails on any batch holding a "poison" digit
     python -m tests.faults compile-fails  # torch.compile raises, at warm-up
+    python -m tests.faults setup-fails    # every inference worker dies in setup: a crash loop
 
 The fault lives in a PredictAPI subclass: LitServe pickles it into each spawned worker, which
 imports this module and runs the subclass's setup there. Production code only offers the seam
@@ -52,7 +53,12 @@ class CompileFailsAPI(PredictAPI):
         super().setup(device)
 
 
-FAULTS = {"poison": PoisonedModelAPI, "compile-fails": CompileFailsAPI}
+class SetupFailsAPI(PredictAPI):
+    def setup(self, device: str) -> None:
+        raise RuntimeError("this worker cannot start (injected by tests.faults)")
+
+
+FAULTS = {"poison": PoisonedModelAPI, "compile-fails": CompileFailsAPI, "setup-fails": SetupFailsAPI}
 
 if __name__ == "__main__":
     sys.exit(main(argv=[], lit_api_class=FAULTS[sys.argv[1]]))

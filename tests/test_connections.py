@@ -1,0 +1,69 @@
+"""Connections a hostile or naive client makes: slow or stalled requests time out with a 408,
+and a body over the limit gets its 413 even from clients that send everything before reading."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from loadtest.serverctl import ServerProcess
+from tests.conftest import copy_registry, service_process
+
+
+@pytest.fixture(scope="module")
+def server(base_registry, tmp_path_factory) -> ServerProcess:
+    root = tmp_path_factory.mktemp("connections")
+    registry = copy_registry(base_registry, root / "registry")
+    proc = service_process(registry.root, read_timeout=1.0, max_body_bytes=1024 * 1024, trainer_enabled="false")
+    proc.start(root)
+    yield proc
+    proc.stop()
+
+
+def answer_of(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Le",
+                                  b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 100\r\n\r\n{\"image\": "],
+                         ids=["nothing", "partial_headers", "partial_body"])
+def test_a_stalled_request_times_out(server: ServerProcess, sent: bytes) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(sent)
+        reply = answer_of(sock)
+    assert time.monotonic() - started < 4.0  # closed after the 1 s read timeout, not held open
+    if not sent.endswith(b"\r\n\r\n{\"image\": "):  # before the app has the request: a 408 JSON
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout"
+
+
+def test_urllib_sending_the_whole_body_first_gets_the_413(server: ServerProcess) -> None:
+    request = urllib.request.Request(f"{server.url}/predict", data=b"0" * (3 * 1024 * 1024),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    for _ in range(5):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 413 and json.loads(caught.value.read())["error"] == "payload_too_large"
+
+
+def test_the_server_keeps_serving_after_slow_clients(server: ServerProcess) -> None:
+    import requests
+
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200

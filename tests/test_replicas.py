@@ -1,0 +1,254 @@
+"""Replicas as one service: nginx in front of three replicas and one trainer on a shared
+registry (loadtest/replicas.py, what `make replicas` runs), Prometheus scraping them, all real.
+
+The tests run in order on one topology: the trainer is killed mid-job and replaced while a
+queued fine-tune then promotes under load; Prometheus counts every prediction; a replica is
+killed under load and rejoins.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+import requests
+
+from loadtest.replicas import Replica, Topology, free_port
+from tests.conftest import BASE_REGISTRY, DATA_DIR, png_of, still_running, wait_until
+
+for tool in ("nginx", "prometheus"):  # `make test` installs them (Debian's packages)
+    if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+        pytest.fail(f"{tool} not found: `apt-get install {tool}` (make test does it)", pytrace=False)
+
+TOKEN = "replicas-admin-token-7d2e"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SWAP_SECONDS = 2.0  # a promotion or activate reaches every replica within this
+
+
+@dataclass
+class Predictions:
+    """Every /predict the tests send, by status, so Prometheus's count can be checked."""
+
+    png: bytes
+    statuses: Counter = field(default_factory=Counter)
+
+    def post(self, url: str, session: requests.Session | None = None) -> requests.Response:
+        try:
+            response = (session or requests).post(f"{url}/predict", timeout=30,
+                                                  files={"file": ("d.png", self.png, "image/png")})
+        except requests.RequestException:
+            self.statuses[0] += 1
+            raise
+        self.statuses[response.status_code] += 1
+        return response
+
+    def version_at(self, url: str) -> str:
+        return self.post(url).json()["model_version"]
+
+
+@dataclass
+class Outcome:
+    at: float
+    status: int  # 0: no HTTP answer
+    version: str
+    upstream: str  # the replica nginx finally used
+
+
+class Load:
+    """A bounded client loop through nginx: two threads, each posting one digit at a time with
+    a short pause (steady traffic that leaves the two cores room for the trainer)."""
+
+    def __init__(self, url: str, predictions: Predictions, threads: int = 2, pause: float = 0.005,
+                 max_requests: int = 60_000) -> None:
+        self.url, self.predictions, self.max_requests, self.pause = url, predictions, max_requests, pause
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set() and len(self.outcomes) < self.max_requests:
+            try:
+                response = self.predictions.post(self.url, session)
+                version = response.json().get("model_version", "") if response.status_code == 200 else response.text
+                upstream = response.headers.get("x-upstream", "").split(",")[-1].strip()
+                self.outcomes.append(Outcome(time.time(), response.status_code, version, upstream))
+            except requests.RequestException as exc:
+                self.outcomes.append(Outcome(time.time(), 0, repr(exc), ""))
+            self._stop.wait(self.pause)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != 200]
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory) -> Iterator[Topology]:
+    root = tmp_path_factory.mktemp("replicas")
+    with Topology(root, BASE_REGISTRY, replicas=3, prometheus_port=free_port(), admin_token=TOKEN,
+                  env={"DIGITS_DATA_DIR": str(DATA_DIR), "DIGITS_RUNTIME": "onnx"}) as started:
+        started.wait_ready(240)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def predictions(mnist_test) -> Predictions:
+    return Predictions(png_of(mnist_test[0][0]))
+
+
+def samples(mnist_test, start: int, count: int) -> list[dict]:
+    images, labels = mnist_test
+    return [{"image": base64.b64encode(png_of(images[i])).decode(), "label": int(labels[i])}
+            for i in range(start, start + count)]
+
+
+def job(url: str, job_id: str) -> dict:
+    return requests.get(f"{url}/admin/jobs/{job_id}", headers=AUTH, timeout=10).json()
+
+
+def swap_seconds(replicas: list[Replica], predictions: Predictions, version: str, since: float) -> list[float]:
+    """Seconds from ``since`` until each replica answers /predict with ``version``."""
+    seconds: dict[str, float] = {}
+    deadline = time.monotonic() + 10
+    while len(seconds) < len(replicas) and time.monotonic() < deadline:
+        for replica in replicas:
+            if replica.name not in seconds and predictions.version_at(replica.url) == version:
+                seconds[replica.name] = time.time() - since
+        time.sleep(0.02)
+    assert len(seconds) == len(replicas), (version, seconds)
+    return list(seconds.values())
+
+
+def test_trainer_replaced_mid_job_then_a_promotion_reaches_every_replica_under_load(
+    topology: Topology, predictions: Predictions, mnist_test
+) -> None:
+    front, replicas = topology.url, topology.replicas
+    with Load(front, predictions) as load:
+        doomed = requests.post(f"{front}/admin/finetune", headers=AUTH, timeout=60,
+                               json={"samples": samples(mnist_test, 0, 200), "epochs": 50}).json()
+        promoted = requests.post(f"{front}/admin/finetune", headers=AUTH, timeout=60,
+                                 json={"samples": samples(mnist_test, 1000, 100), "epochs": 2}).json()
+        assert promoted["queued_behind"] == 1, promoted
+        # any replica follows any job: they all read the one registry
+        for replica in replicas:
+            assert job(replica.url, promoted["job_id"])["samples"] == 100
+        assert wait_until(lambda: job(front, doomed["job_id"])["state"] == "running", 90)
+
+        trainer_pid = topology.trainer.pid
+        topology.trainer.signal_group(signal.SIGKILL)  # SIGKILL mid-job: the supervisor starts a new trainer
+        assert wait_until(lambda: topology.trainer.alive() and topology.trainer.pid != trainer_pid, 10)
+        failed = wait_until(lambda: (r := job(front, doomed["job_id"]))["state"] == "failed" and r, 60)
+        assert failed and "interrupted" in failed["message"], topology.trainer.log_tail()
+
+        active = topology.registry / "ACTIVE"
+        assert wait_until(lambda: active.read_text().strip() == "v0002", 180, interval=0.05), (
+            job(front, promoted["job_id"]), topology.trainer.log_tail())
+        promoted_at = active.stat().st_mtime
+        assert max(swap_seconds(replicas, predictions, "v0002", promoted_at)) <= SWAP_SECONDS
+        record = wait_until(lambda: (r := job(front, promoted["job_id"]))["state"] != "running" and r, 30)
+        assert record["state"] == "succeeded" and record["produced_version"] == "v0002", record
+        assert {job(r.url, promoted["job_id"])["state"] for r in replicas} == {"succeeded"}
+
+        # activate through any replica reaches all of them; /admin/models agrees everywhere
+        for version in ("v0001", "v0002"):
+            asked = time.time()
+            response = requests.post(f"{front}/admin/models/{version}/activate", headers=AUTH, timeout=10)
+            assert response.status_code == 200, response.text
+            assert max(swap_seconds(replicas, predictions, version, asked)) <= SWAP_SECONDS
+            listings = [requests.get(f"{r.url}/admin/models", headers=AUTH, timeout=10).json() for r in replicas]
+            assert all(listing == listings[0] for listing in listings)
+            assert [m["version"] for m in listings[0] if m["active"]] == [version]
+        assert wait_until(lambda: {o.version for o in load.outcomes[-30:]} == {"v0002"}, 10)
+
+    assert load.failures() == [] and len(load.outcomes) > 200, load.failures()[:5]
+    versions = [o.version for o in load.outcomes]
+    assert versions[0] == "v0001" and versions[-1] == "v0002"
+    assert {o.upstream for o in load.outcomes} == {f"127.0.0.1:{r.port}" for r in replicas}
+
+
+def test_feedback_posted_anywhere_lands_in_one_store(topology: Topology, mnist_test) -> None:
+    images, labels = mnist_test
+    counts = []
+    for i, replica in enumerate(topology.replicas):
+        response = requests.post(f"{replica.url}/feedback", files={"file": ("f.png", png_of(images[i]))},
+                                 data={"label": str(int(labels[i]))}, timeout=10)
+        assert response.status_code == 201, response.text
+        counts.append(response.json()["feedback_samples"])
+    assert counts == [1, 2, 3]
+    assert len(list((topology.registry / "feedback").glob("*.safetensors"))) == 3
+
+
+def test_prometheus_counts_every_prediction_over_all_replicas(topology: Topology, predictions: Predictions) -> None:
+    assert topology.prometheus is not None
+    sent = predictions.statuses[200]
+    assert sent > 200 and set(predictions.statuses) == {200}, predictions.statuses
+    predictions_200 = 'digits_http_requests_total{component="serving",route="/predict",status="200"}'
+    query = f"sum({predictions_200})"
+
+    def counted() -> float | None:
+        result = topology.prometheus.query(query)
+        return float(result[0]["value"][1]) if result else None
+
+    assert wait_until(lambda: counted() == sent, 20, interval=0.5), (counted(), sent)
+    per_replica = topology.prometheus.query(predictions_200)
+    assert len(per_replica) == len(topology.replicas)
+    assert topology.prometheus.query('up{component="trainer"}')[0]["value"][1] == "1"
+
+
+def test_a_replica_killed_under_load_costs_under_a_tenth_of_a_percent_and_rejoins(
+    topology: Topology, predictions: Predictions
+) -> None:
+    victim, others = topology.replicas[1], [topology.replicas[0], topology.replicas[2]]
+    active = (topology.registry / "ACTIVE").read_text().strip()
+    with Load(topology.url, predictions) as load:
+        assert wait_until(lambda: len(load.outcomes) >= 300, 30)
+        pid, killed_at = victim.pid, time.time()
+        victim.signal_group(signal.SIGKILL)  # SIGKILL to its whole process group: a crash
+        for other in others:
+            assert predictions.post(other.url).status_code == 200
+        assert wait_until(lambda: victim.alive() and victim.pid != pid, 10)
+        assert wait_until(lambda: victim.in_service, 120), victim.log_tail()
+        rejoined = time.time()
+        assert requests.get(f"{victim.url}/ready", timeout=5).json()["model_version"] == active
+        address = f"127.0.0.1:{victim.port}"
+        assert wait_until(lambda: any(o.upstream == address and o.at > rejoined for o in load.outcomes), 15)
+        assert wait_until(lambda: len(load.outcomes) >= 1000, 60)
+
+    failed = load.failures()
+    assert len(failed) / len(load.outcomes) < 0.001, (len(failed), len(load.outcomes), failed[:5])
+    # the others kept serving while it was down (a response can be in transit for a moment after the kill)
+    down = [o for o in load.outcomes if killed_at + 1 < o.at < rejoined and o.status == 200]
+    assert len(down) > 100 and {o.upstream for o in down} == {f"127.0.0.1:{r.port}" for r in others}
+    assert any("restarting" in event and victim.name in event for event in topology.events)
+
+
+def test_stopping_the_topology_leaves_no_process(topology: Topology) -> None:
+    """Last: stop it here (the fixture's stop then finds nothing to do) and look for leftovers."""
+    groups = {child.pid for child in topology.children()}
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) in groups:
+                members.append(process)
+    assert len(members) > len(groups)  # replicas have children: API server, worker, manager
+    topology.stop()
+    assert still_running(members) == []

@@ -1,0 +1,107 @@
+"""The standalone trainer (``python -m service.trainer``): one at a time on a shared registry,
+a killed one's job marked failed by its replacement, SIGTERM mid-job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from model.registry import Registry
+from service.jobs import JobStore
+from service.schemas import FinetuneOptions
+from tests.conftest import DATA_DIR, ROOT, wait_until
+
+
+class Trainer:
+    """A real ``python -m service.trainer`` in its own process group."""
+
+    def __init__(self, registry: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        env = {**os.environ, "DIGITS_REGISTRY": str(registry), "DIGITS_DATA_DIR": str(DATA_DIR),
+               "DIGITS_LOG_LEVEL": "info"}
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen([sys.executable, "-m", "service.trainer"], cwd=ROOT, env=env,
+                                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill_group(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+
+@pytest.fixture
+def start_trainer(tmp_path: Path) -> Iterator:
+    started: list[Trainer] = []
+
+    def start(registry: Path) -> Trainer:
+        trainer = Trainer(registry, tmp_path / f"trainer-{len(started)}.log")
+        started.append(trainer)
+        return trainer
+
+    yield start
+    for trainer in started:
+        trainer.stop()
+
+
+def queue_job(store: JobStore, mnist_test, count: int, epochs: int) -> str:
+    images, labels = mnist_test
+    record = store.create(images[:count].numpy(), labels[:count].numpy(), FinetuneOptions(epochs=epochs), "upload")
+    return record.job_id
+
+
+def state(store: JobStore, job_id: str) -> str:
+    return store.get(job_id).state
+
+
+def test_a_waiting_trainer_takes_over_a_killed_ones_queue_and_stops_on_sigterm(
+    registry_copy: Registry, start_trainer, mnist_test
+) -> None:
+    store = JobStore(registry_copy)
+    killed_job = queue_job(store, mnist_test, 200, epochs=50)
+    next_job = queue_job(store, mnist_test, 200, epochs=50)
+    first = start_trainer(registry_copy.root)
+    assert wait_until(lambda: state(store, killed_job) == "running", 90), first.log()
+    second = start_trainer(registry_copy.root)
+    assert wait_until(lambda: "waiting to take over" in second.log(), 60), second.log()
+    # the second trainer holds back: one fine-tune at a time across everything on this registry
+    assert state(store, killed_job) == "running" and state(store, next_job) == "queued"
+    assert "trainer ready" not in second.log()
+
+    first.kill_group()  # mid-job; the kernel releases its lock
+    assert wait_until(lambda: state(store, killed_job) == "failed", 30), second.log()
+    assert "interrupted" in store.get(killed_job).message
+    # the queue goes on; SIGTERM then stops the new trainer's job at its next step
+    assert wait_until(lambda: store.get(next_job).progress.get("epoch", 0) >= 1, 90), second.log()
+    second.process.terminate()
+    assert second.process.wait(30) == 0, second.log()
+    record = store.get(next_job)
+    assert record.state == "failed" and "the trainer was stopped" in record.message, record
+    assert "trainer stopped" in second.log()
+
+
+def test_refuses_a_registry_without_a_model(tmp_path: Path, start_trainer) -> None:
+    trainer = start_trainer(Registry(tmp_path / "empty").root)
+    assert trainer.process.wait(60) == 2
+    assert "no active model" in trainer.log()
+    assert list((tmp_path / "empty" / "jobs").iterdir()) == []
