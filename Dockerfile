@@ -1,4 +1,4 @@
-# digit-service image: serves the active model on 0.0.0.0:8000.
+# digit-service image: serves the active model on 0.0.0.0:8000 (HTTP) and 0.0.0.0:8001 (gRPC).
 #   CPU (default):  docker build -t digit-service .
 #   CUDA:           docker build -t digit-service:cuda \
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
@@ -43,7 +43,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.14.1 torchvision==0.
     && chown -R digits:digits /app
 
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/app/registry", "/app/data"]
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status != 200)"]

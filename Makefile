@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench image image-smoke clean
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench image image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -112,3 +112,8 @@ image-smoke:
 
 clean:
 	rm -rf reports .pytest_cache
+
+# The gRPC stubs are generated from the Open Inference Protocol's .proto and committed;
+# tests/test_v2.py checks that regenerating gives the committed files.
+protos: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. service/v2/protos/grpc_predict_v2.proto

@@ -55,6 +55,7 @@ class ServerProcess:
 
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)  # the service's Open Inference Protocol over gRPC
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "service"])
     ready_path: str = "/ready"
     process: subprocess.Popen | None = None
@@ -68,8 +69,12 @@ class ServerProcess:
     def registry(self) -> Path:
         return Path(self.env["DIGITS_REGISTRY"])
 
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
     def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
-        env = {**os.environ, "DIGITS_PORT": str(self.port), **self.env}
+        env = {**os.environ, "DIGITS_PORT": str(self.port), "DIGITS_GRPC_PORT": str(self.grpc_port), **self.env}
         self.log_path = log_dir / f"server-{self.port}.log"
         log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -38,7 +38,11 @@ def error_body(code: str, detail: str | list, request_id: str | None) -> dict:
 
 def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
     """Headers and body of an error for a pure-ASGI middleware (which has no Response)."""
-    body = json.dumps(error_body(code, detail, request_id)).encode()
+    return json_parts(error_body(code, detail, request_id))
+
+
+def json_parts(payload: dict) -> tuple[list, bytes]:
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return headers, body  # the request-context middleware adds X-Request-ID
 

@@ -11,7 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import json_error
+from service.errors import json_error, json_parts
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -115,7 +115,7 @@ class BodyLimitMiddleware:
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await drain(receive, int(declared))
-            await self._reject(send, limit, int(declared), request_id)
+            await self._reject(send, limit, int(declared), request_id, scope["path"])
             return
         received = 0
         response_started = False
@@ -140,12 +140,14 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not response_started:
                 await drain(receive, DRAIN_MAX_BYTES)
-                await self._reject(send, limit, received, request_id)
+                await self._reject(send, limit, received, request_id, scope["path"])
 
     @staticmethod
-    async def _reject(send: Send, limit: int, size: int, request_id: str | None) -> None:
-        headers, body = json_error(
-            413, "payload_too_large", f"the request body is {size:,}+ bytes; the limit is {limit:,}", request_id
-        )
+    async def _reject(send: Send, limit: int, size: int, request_id: str | None, path: str) -> None:
+        detail = f"the request body is {size:,}+ bytes; the limit is {limit:,}"
+        if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+            headers, body = json_parts({"error": detail})
+        else:
+            headers, body = json_error(413, "payload_too_large", detail, request_id)
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from service import metrics, readiness
@@ -24,10 +24,10 @@ async def health() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/ready", summary="Readiness: every process that holds a model has loaded and warmed it")
-async def ready(request: Request) -> JSONResponse:
-    expected: list[tuple[str, int]] = request.app.state.model_holders
-    holders = readiness.read_all(request.app.state.settings.run_dir)
+def readiness_report(app: FastAPI) -> dict:
+    """What /ready says (and the V2 protocol's readiness follows)."""
+    expected: list[tuple[str, int]] = app.state.model_holders
+    holders = readiness.read_all(app.state.settings.run_dir)
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
     body = {"ready": not missing, "holders_ready": len(expected) - len(missing), "holders_expected": len(expected),
@@ -36,6 +36,12 @@ async def ready(request: Request) -> JSONResponse:
         first = holders[0]
         body.update(model_version=first["model_version"], runtime=first["runtime"],
                     runtime_reason=first["runtime_reason"])
+    return body
+
+
+@router.get("/ready", summary="Readiness: every process that holds a model has loaded and warmed it")
+async def ready(request: Request) -> JSONResponse:
+    body = readiness_report(request.app)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.registry import Registry
-from service import admin, feedback, ops, predict, readiness
+from service import admin, feedback, ops, predict, readiness, v2
 from service import litserve_adapter as adapter
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -122,4 +122,5 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     predict.document(app)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    v2.install(app, settings)  # after the model lifespan: gRPC starts once the predictor exists
     return server

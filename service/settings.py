@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     feedback_burst: int = Field(20, ge=1, le=10_000, description="feedback posts a client may send at once")
     feedback_token: SecretStr | None = Field(None, description="bearer token /feedback requires; unset: open")
 
+    # Open Inference Protocol (KServe V2): REST under /v2 on the HTTP port, gRPC on its own port
+    grpc_port: int = Field(
+        8001, ge=1, le=65535,
+        description="gRPC port of inference.GRPCInferenceService; every API server binds it (SO_REUSEPORT)",
+    )
+
     @model_validator(mode="after")
     def _token_from_file(self) -> Settings:
         if self.admin_token is None and self.admin_token_file is not None:

@@ -1,0 +1,19 @@
+"""The one error type of the V2 protocol layer: a status and a message for people.
+
+REST answers it as the spec's ``{"error": "<message>"}``; gRPC as the matching status code.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """A client mistake (400/404/413) or an unavailable model (503), with a message naming the problem."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def bad_request(message: str) -> ProtocolError:
+    return ProtocolError(400, message)
