@@ -7,7 +7,8 @@ levels, best of ``--repeat`` runs per level:
   (no FastAPI server doing real work can beat it);
 * peer: FastAPI + ONNX Runtime (same model.onnx, one thread per process), the preprocessing
   as it was before the serving-path work, 2 uvicorn workers (loadtest/peer_server.py);
-* service: ``python -m service`` with default settings (and ``--modes`` for others).
+* service: ``python -m service`` with default settings (and ``--modes`` for others), plus
+  the Open Inference Protocol rows (HTTP binary and gRPC, 1 and 64 images per request).
 
 Prints req/s, p50 and p99 with ratios to the peer and the floor, checks the targets, and saves
 reports/bench.png and reports/bench.json.
@@ -29,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loadtest.serverctl import ROOT, peer, private_registry, service
+from loadtest.v2_bench import print_rows as print_v2_rows
+from loadtest.v2_bench import v2_rows
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
 from model.registry import Registry
@@ -141,6 +144,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per run and concurrency level")
     parser.add_argument("--repeat", type=int, default=2, help="runs per level; the best counts")
     parser.add_argument("--modes", default="default", help=f"service settings to run: {','.join(MODES)}")
+    parser.add_argument("--v2-seconds", type=float, default=6.0, help="per V2 row (0: skip V2)")
     parser.add_argument("--registry", default="registry")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
@@ -155,6 +159,7 @@ def main() -> int:
 
     model_path = ensure_onnx(registry, registry.active_version(), args.data_dir)
     results: list[Result] = []
+    v2_results = []
 
     print("floor: FastAPI reading the multipart file, answering a constant, 2 workers", flush=True)
     with peer(8201, model_path, args.reports, null=True):
@@ -165,10 +170,17 @@ def main() -> int:
     for mode in args.modes.split(","):
         name = "service" if mode == "default" else f"service ({mode})"
         print(f"{name}: starting ...", flush=True)
-        with service(8101, args.reports, trainer_enabled="false", registry=str(registry.root), **MODES[mode]):
-            results += run_levels(name, "http://127.0.0.1:8101/predict", body, args.seconds, args.repeat)
+        with service(8101, args.reports, trainer_enabled="false", registry=str(registry.root),
+                     **MODES[mode]) as server:
+            results += run_levels(name, f"{server.url}/predict", body, args.seconds, args.repeat)
+            if mode == "default" and args.v2_seconds:
+                print("  Open Inference Protocol (V2) against /predict, 8 requests in flight:", flush=True)
+                v2_results = v2_rows(server.url, server.grpc_address, args.data_dir, seconds=args.v2_seconds)
 
     print_table(results)
+    if v2_results:
+        print()
+        print_v2_rows(v2_results)
     plot(results, args.reports / "bench.png")
     (args.reports / "bench.json").write_text(json.dumps(
         {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [asdict(r) for r in results]}, indent=2))
