@@ -1,9 +1,19 @@
 """Any real-world image -> a 28x28 MNIST-style uint8 digit (white ink on black).
 
 Serving and fine-tuning both go through :func:`prepare_digit`, so the model sees uploads
-exactly the way it sees predictions. The steps follow how MNIST itself was made: crop the
-ink, scale its longer side to 20 px keeping the aspect ratio, and place it in a 28x28 field
-so that its centre of mass sits at the centre.
+exactly the way it sees predictions. The last steps follow how MNIST itself was made: crop
+the ink, scale its longer side to 20 px keeping the aspect ratio, and place it in a 28x28
+field so that its centre of mass sits at the centre.
+
+Two ways to find the ink:
+
+- Small images (scans, MNIST files, icons; longer side <= ``SMALL_SIDE``) are clean: ink is
+  whatever differs from the border's colour. This path costs tens of microseconds.
+- Larger images are treated as photos of paper. The paper's own colour and lighting are
+  estimated per channel by a morphological closing (it erases strokes, keeps shadows and
+  gradients) and divided out; ink is how much light the darkest channel lost, so blue, red
+  and black ink all count. Thin long structures (ruled and squared lines) are opened away,
+  and the digit is the largest group of strokes near the centre, not the paper's edges.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -21,6 +32,13 @@ MIN_CONTRAST = 0.12  # ink must differ from the background by this much (of full
 NOISE_FLOOR = 0.15  # after stretching the ink to [0, 1], weaker signal is treated as paper
 DIGIT_BOX = 20
 FIELD = 28
+
+SMALL_SIDE = 48  # longer side up to which an image is read as a clean scan
+WORK_SIDE = 256  # photos are analysed at this longer side (decoded reduced when larger)
+BACKGROUND_SIDE = 64  # the paper and its lighting are estimated at this longer side
+PHOTO_MIN_INK = 0.2  # a photo's strongest ink must absorb this share of the paper's light
+DARK_PAPER = 0.3  # below this brightness a surface is a desk or a shadow, not paper to write on
+MIN_STROKE = 0.016  # strokes are at least this wide (share of the shorter side); lines are thinner
 
 
 class ImageProblem(ValueError):
@@ -54,8 +72,8 @@ class NoInk(ImageProblem):
     code = "no_ink"
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Identify and decode an image, refusing oversized dimensions *before* decoding pixels."""
+def identify(data: bytes) -> Image.Image:
+    """Open an image lazily (header only), refusing unknown formats."""
     if not data:
         raise CorruptImage("the image is empty (0 bytes)")
     try:
@@ -73,23 +91,46 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if image.format not in ALLOWED_FORMATS:
         raise NotAnImage(f"{image.format} images are not supported; send PNG, JPEG, BMP, GIF, WebP or TIFF")
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     if width < 1 or height < 1:
         raise CorruptImage("the image has no pixels")
-    try:
-        image.load()
-    except Exception as exc:
-        raise CorruptImage(f"the image data is corrupt or truncated: {exc}") from None
     return image
 
 
-def to_grayscale(image: Image.Image) -> np.ndarray:
-    """float32 [H,W] in [0,1] (1 = white): EXIF orientation applied, alpha flattened onto white."""
+def declared_pixels(data: bytes) -> int:
+    """width x height as the header declares it, without decoding (raises like :func:`open_image`)."""
+    width, height = identify(data).size
+    return width * height
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
+    """Identify and decode an image, refusing oversized dimensions *before* decoding pixels.
+
+    With ``reduce_to``, a larger image is decoded at a reduced size whose longer side is still
+    at least ``reduce_to``: JPEG through the decoder's DCT scaling, others by box reduction.
+    """
+    image = identify(data)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+    longer = max(width, height)
     try:
+        if reduce_to and longer > reduce_to and image.format in ("JPEG", "MPO"):
+            scale = reduce_to / longer
+            image.draft(image.mode, (max(1, round(width * scale)), max(1, round(height * scale))))
+        image.load()
+    except Exception as exc:
+        raise CorruptImage(f"the image data is corrupt or truncated: {exc}") from None
+    factor = max(image.size) // reduce_to if reduce_to else 1
+    if factor >= 2:
+        image = image.reduce(factor)
+    return image
+
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """float32 in [0,1] (1 = white), [H,W] or [H,W,3] for colour; EXIF orientation applied,
+    alpha flattened onto white paper."""
+    if image.getexif().get(0x0112, 1) != 1:  # only photos carry an orientation
         image = ImageOps.exif_transpose(image)
-    except Exception:
-        pass
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         pixels = np.asarray(image, dtype=np.float32)
@@ -98,39 +139,145 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float32)
         return np.clip(pixels / (255.0 if pixels.max() > 1.0 else 1.0), 0.0, 1.0)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        alpha = rgba[..., 3]
-        return gray * alpha + (1.0 - alpha)  # onto white paper
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if mode == "L":
+        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) * np.float32(1 / 255)
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)  # onto white paper
+    if mode == "P":
+        image = image.convert("RGB")
+    elif mode not in ("RGB",):
+        image = image.convert("RGB" if mode in ("CMYK", "YCbCr", "LAB", "HSV") else "L")
+    return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
 
 
-def ink_map(gray: np.ndarray) -> np.ndarray:
-    """Ink strength in [0,1] (1 = full ink) whatever the polarity of the picture."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+def border_of(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+def luminance(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 2:
+        return pixels
+    return pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def scan_ink(gray: np.ndarray) -> np.ndarray:
+    """A clean image's ink strength in [0,1]: whatever differs from the border, either polarity."""
+    background = float(np.median(border_of(gray)))
     ink = background - gray if background > 0.5 else gray - background  # light paper -> invert
     np.clip(ink, 0.0, None, out=ink)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
         raise NoInk("the image has no visible ink (it is blank or uniform); draw or photograph a digit")
-    ink = (ink / peak - NOISE_FLOOR) / (1.0 - NOISE_FLOOR)
+    ink = (ink - NOISE_FLOOR * peak) * (1.0 / ((1.0 - NOISE_FLOOR) * peak))
     return np.clip(ink, 0.0, 1.0, out=ink)
+
+
+def resize_to(pixels: np.ndarray, longer: int) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    scale = longer / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def light_ink(gray: np.ndarray) -> bool:
+    """Is the ink lighter than the paper? Paper is the bulk of the picture and ink its longer
+    tail; lighting multiplies, so the tails are compared as ratios to the median."""
+    darkest, median, lightest = np.percentile(gray, [0.5, 50, 99.5]) + 0.02
+    return lightest / median > 1.5 * median / darkest
+
+
+def paper_ink(pixels: np.ndarray) -> np.ndarray:
+    """A photo's ink strength in [0,1]: the share of light the darkest channel lost against
+    the paper behind it (paper colour and lighting estimated locally, strokes closed away)."""
+    if light_ink(luminance(middle_of(pixels)[::2, ::2])):  # the middle: the frame may be mostly desk  # chalk on a board, an MNIST digit, white pen on black
+        pixels = 1.0 - pixels
+    small = resize_to(pixels, BACKGROUND_SIDE)
+    size = max(3, min(small.shape[:2]) // 4) | 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+    paper = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel)
+    paper = cv2.resize(paper, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_LINEAR)
+    # Upsampling smears bright paper over the dark side of sharp edges (a note on a desk, a
+    # hard shadow), which would read as ink there; a minimum over the smear's reach undoes it.
+    reach = 2 * round(max(pixels.shape[:2]) / max(small.shape[:2])) + 1
+    paper = cv2.erode(paper, cv2.getStructuringElement(cv2.MORPH_RECT, (reach, reach)))
+    # The share of light lost; on dark surfaces (a desk) noise would be a large share, so
+    # darkness is measured against at least DARK_PAPER there.
+    lost = (paper - pixels) / np.maximum(paper, DARK_PAPER)
+    if lost.ndim == 3:
+        lost = lost.max(axis=2)
+    return np.clip(lost, 0.0, 1.0, out=lost)
+
+
+def middle_of(pixels: np.ndarray) -> np.ndarray:
+    """The middle 60 % of a picture (each way), where the digit is."""
+    height, width = pixels.shape[:2]
+    return pixels[height // 5 : height - height // 5, width // 5 : width - width // 5]
+
+
+def stroke_half_width(mask: np.ndarray) -> float:
+    """Half the width of the widest strokes in the middle of an ink mask (0 without ink there);
+    the middle, so that a desk's dark edge does not count as a stroke."""
+    half_width = middle_of(cv2.distanceTransform(mask, cv2.DIST_L2, 3))
+    inside = half_width[half_width > 0]
+    return float(np.percentile(inside, 95)) if inside.size else 0.0
+
+
+def digit_strokes(ink: np.ndarray) -> np.ndarray:
+    """The digit's own strokes (soft ink, 0 elsewhere): thin lines opened away, the largest
+    stroke group near the centre kept with the strokes close to it."""
+    peak = float(np.percentile(ink, 99.7))
+    if peak < PHOTO_MIN_INK:
+        raise NoInk("the photo shows no ink strokes (blank paper or uniform colour); photograph a digit")
+    mask = (ink > 0.45 * peak).astype(np.uint8)
+    short = min(ink.shape)
+    stroke = max(MIN_STROKE * short, stroke_half_width(mask))
+    size = max(2, round(stroke * 0.9))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    cores = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(cores, connectivity=8)
+    if count <= 1:
+        raise NoInk("the photo shows no ink strokes thick enough for a digit (only thin lines)")
+    height, width = ink.shape
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    offsets = (centroids[1:] - (width / 2, height / 2)) / (width / 2, height / 2)
+    touches = ((stats[1:, cv2.CC_STAT_LEFT] == 0) | (stats[1:, cv2.CC_STAT_TOP] == 0)
+               | (stats[1:, cv2.CC_STAT_LEFT] + stats[1:, cv2.CC_STAT_WIDTH] >= width)
+               | (stats[1:, cv2.CC_STAT_TOP] + stats[1:, cv2.CC_STAT_HEIGHT] >= height))
+    score = areas * np.exp(-0.5 * (offsets**2).sum(axis=1)) * np.where(touches, 0.02, 1.0)
+    main = int(np.argmax(score))
+    if areas[main] < (MIN_STROKE * short) ** 2 * 8:
+        raise NoInk("the photo shows no ink strokes large enough for a digit")
+    left, top, box_w, box_h = (int(v) for v in stats[main + 1, :4])
+    right, bottom = left + box_w, top + box_h
+    keep = [main + 1]
+    for other in np.argsort(-areas):
+        if other == main or areas[other] < 0.03 * areas[main] or touches[other]:
+            continue
+        x, y, w, h = (int(v) for v in stats[other + 1, :4])
+        gap = 0.3 * max(right - left, bottom - top)
+        near = x < right + gap and x + w > left - gap and y < bottom + gap and y + h > top - gap
+        if near and w < 1.5 * (right - left) + gap and h < 1.5 * (bottom - top) + gap:
+            keep.append(other + 1)
+            left, top, right, bottom = min(left, x), min(top, y), max(right, x + w), max(bottom, y + h)
+    chosen = np.isin(labels[top:bottom, left:right], keep).astype(np.uint8)
+    reach = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * size + 1, 2 * size + 1))
+    near_strokes = cv2.dilate(chosen, reach)
+    crop = ink[top:bottom, left:right] * near_strokes
+    level = float(np.percentile(crop[chosen > 0], 90))
+    crop = (crop - 0.3 * level) * (1.0 / (0.7 * level))
+    return np.clip(crop, 0.0, 1.0, out=crop)
 
 
 def center_in_field(digit: np.ndarray) -> np.ndarray:
     """Place a digit (<= 20x20, float [0,1]) in a 28x28 field, centre of mass at the centre."""
     height, width = digit.shape
     total = float(digit.sum())
-    rows, cols = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
-    cy = float(digit.sum(axis=1) @ rows) / total
-    cx = float(digit.sum(axis=0) @ cols) / total
-    top = round((FIELD - 1) / 2 - cy)
-    left = round((FIELD - 1) / 2 - cx)
-    top = min(max(top, 0), FIELD - height)  # keep the whole digit in view
-    left = min(max(left, 0), FIELD - width)
+    cy = float(digit.sum(axis=1) @ np.arange(height, dtype=np.float32)) / total
+    cx = float(digit.sum(axis=0) @ np.arange(width, dtype=np.float32)) / total
+    top = min(max(round((FIELD - 1) / 2 - cy), 0), FIELD - height)  # keep the whole digit in view
+    left = min(max(round((FIELD - 1) / 2 - cx), 0), FIELD - width)
     field = np.zeros((FIELD, FIELD), dtype=np.float32)
     field[top : top + height, left : left + width] = digit
     return field
@@ -140,12 +287,10 @@ def digit_from_ink(ink: np.ndarray) -> np.ndarray:
     """Crop the ink, fit its longer side to 20 px, centre it by mass in 28x28 -> uint8."""
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
+    if not len(rows):
+        raise NoInk("the ink is too faint or too small to read")
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = crop.shape
-    scale = DIGIT_BOX / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
-    resized = np.array(Image.fromarray(crop).resize(size, resample), dtype=np.float32)
+    resized = resize_to(crop, DIGIT_BOX)
     np.clip(resized, 0.0, 1.0, out=resized)
     if resized.sum() <= 0:
         raise NoInk("the ink is too faint or too small to read")
@@ -157,7 +302,10 @@ def prepare_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
     Raises an :class:`ImageProblem` subclass naming what is wrong with the image.
     """
-    return digit_from_ink(ink_map(to_grayscale(open_image(data, max_pixels))))
+    pixels = to_pixels(open_image(data, max_pixels, reduce_to=WORK_SIDE))
+    if max(pixels.shape[:2]) <= SMALL_SIDE:
+        return digit_from_ink(scan_ink(luminance(pixels)))
+    return digit_from_ink(digit_strokes(paper_ink(resize_to(pixels, WORK_SIDE))))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
