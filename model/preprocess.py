@@ -7,8 +7,9 @@ field so that its centre of mass sits at the centre.
 
 Two ways to find the ink:
 
-- Small images (scans, MNIST files, icons; longer side <= ``SMALL_SIDE``) are clean: ink is
-  whatever differs from the border's colour. This path costs tens of microseconds.
+- Small images (scans, MNIST files, icons; longer side <= ``SMALL_SIDE``) and digital ones
+  (drawings, renders: a flat border) are clean: ink is whatever differs from the border's
+  colour. This path costs tens of microseconds.
 - Larger images are treated as photos of paper. The paper's own colour and lighting are
   estimated per channel by a morphological closing (it erases strokes, keeps shadows and
   gradients) and divided out; ink is how much light the darkest channel lost, so blue, red
@@ -19,11 +20,17 @@ Two ways to find the ink:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Each request is preprocessed in its own API-server process or thread: no OpenCV thread pool
+# on top (it would only contend with the other requests for the same cores).
+cv2.setNumThreads(1)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # errors only: a corrupt upload is reported to the client, not logged by OpenCV
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF"})
 DEFAULT_MAX_PIXELS = 25_000_000  # a 5000x5000 photo; larger headers are refused before decoding
@@ -34,10 +41,12 @@ DIGIT_BOX = 20
 FIELD = 28
 
 SMALL_SIDE = 48  # longer side up to which an image is read as a clean scan
+FLAT = 2.5 / 255  # a digital image's background varies by less than this
 WORK_SIDE = 256  # photos are analysed at this longer side (decoded reduced when larger)
-BACKGROUND_SIDE = 64  # the paper and its lighting are estimated at this longer side
+BACKGROUND_STEP = 4  # the paper and its lighting are estimated at 1/4 of the working size
 PHOTO_MIN_INK = 0.2  # a photo's strongest ink must absorb this share of the paper's light
 DARK_PAPER = 0.3  # below this brightness a surface is a desk or a shadow, not paper to write on
+PHOTO_FLOOR = 0.2  # the photo's ink, stretched so that its strokes' level is 1, is paper below this
 MIN_STROKE = 0.016  # strokes are at least this wide (share of the shorter side); lines are thinner
 
 
@@ -96,6 +105,23 @@ def identify(data: bytes) -> Image.Image:
     return image
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_grey_png(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """A small plain 8-bit greyscale PNG (an MNIST file, a scan) decoded by OpenCV, several times
+    quicker than PIL; None for any other image (PIL then decodes it and names any problem)."""
+    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if (depth, colour) != (8, 0) or max(width, height) > SMALL_SIDE or width * height > max_pixels:
+        return None
+    if b"tRNS" in data or b"eXIf" in data:  # transparency or an orientation: PIL's business
+        return None
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return pixels if pixels is not None and pixels.shape == (height, width) else None
+
+
 def declared_pixels(data: bytes) -> int:
     """width x height as the header declares it, without decoding (raises like :func:`open_image`)."""
     width, height = identify(data).size
@@ -126,34 +152,38 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int
     return image
 
 
-def to_pixels(image: Image.Image) -> np.ndarray:
+def to_pixels(image: Image.Image, longer: int | None = None) -> np.ndarray:
     """float32 in [0,1] (1 = white), [H,W] or [H,W,3] for colour; EXIF orientation applied,
-    alpha flattened onto white paper."""
+    alpha flattened onto white paper; shrunk to ``longer`` px on the longer side if larger."""
     if image.getexif().get(0x0112, 1) != 1:  # only photos carry an orientation
         image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         pixels = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        return np.clip(pixels / scale, 0.0, 1.0)
-    if mode == "F":
-        pixels = np.asarray(image, dtype=np.float32)
-        return np.clip(pixels / (255.0 if pixels.max() > 1.0 else 1.0), 0.0, 1.0)
-    if mode == "L":
-        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+        top = 65535.0 if mode.startswith("I;16") or pixels.max() > 255 else 255.0 if pixels.max() > 1 else 1.0
+        return shrink(np.clip(pixels * np.float32(1 / top), 0.0, 1.0), longer)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) * np.float32(1 / 255)
+        rgba = shrink(np.asarray(image.convert("RGBA")), longer) * np.float32(1 / 255)
         alpha = rgba[..., 3:]
         return rgba[..., :3] * alpha + (1.0 - alpha)  # onto white paper
-    if mode == "P":
-        image = image.convert("RGB")
-    elif mode not in ("RGB",):
-        image = image.convert("RGB" if mode in ("CMYK", "YCbCr", "LAB", "HSV") else "L")
-    return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    if mode not in ("L", "RGB"):
+        image = image.convert("L" if mode == "1" else "RGB")
+    return shrink(np.asarray(image), longer) * np.float32(1 / 255)
+
+
+def shrink(pixels: np.ndarray, longer: int | None) -> np.ndarray:
+    return resize_to(pixels, longer) if longer and max(pixels.shape[:2]) > longer else pixels
 
 
 def border_of(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+def flat_border(pixels: np.ndarray) -> bool:
+    """A digital image (a drawing, a render, a clean scan): its border is one flat colour."""
+    border = border_of(pixels)
+    off = np.abs(border - np.median(border, axis=0))
+    return float(np.mean((off.max(axis=-1) if off.ndim == 2 else off) <= FLAT)) >= 0.9
 
 
 def luminance(pixels: np.ndarray) -> np.ndarray:
@@ -164,21 +194,25 @@ def luminance(pixels: np.ndarray) -> np.ndarray:
 
 def scan_ink(gray: np.ndarray) -> np.ndarray:
     """A clean image's ink strength in [0,1]: whatever differs from the border, either polarity."""
-    background = float(np.median(border_of(gray)))
+    border = border_of(gray)
+    background = float(np.partition(border, border.size // 2)[border.size // 2])  # the median
     ink = background - gray if background > 0.5 else gray - background  # light paper -> invert
-    np.clip(ink, 0.0, None, out=ink)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
         raise NoInk("the image has no visible ink (it is blank or uniform); draw or photograph a digit")
-    ink = (ink - NOISE_FLOOR * peak) * (1.0 / ((1.0 - NOISE_FLOOR) * peak))
-    return np.clip(ink, 0.0, 1.0, out=ink)
+    ink -= NOISE_FLOOR * peak
+    ink *= 1.0 / ((1.0 - NOISE_FLOOR) * peak)
+    return np.maximum(ink, 0.0, out=ink)
 
 
-def resize_to(pixels: np.ndarray, longer: int) -> np.ndarray:
+def resize_to(pixels: np.ndarray, longer: int, multiple: int = 1) -> np.ndarray:
+    """Scale so the longer side is ``longer`` px (the shorter one rounded to ``multiple``).
+    Area averaging only where it is needed: off its integer-factor path it is slow."""
     height, width = pixels.shape[:2]
     scale = longer / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    size = (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR)
 
 
 def light_ink(gray: np.ndarray) -> bool:
@@ -191,22 +225,23 @@ def light_ink(gray: np.ndarray) -> bool:
 def paper_ink(pixels: np.ndarray) -> np.ndarray:
     """A photo's ink strength in [0,1]: the share of light the darkest channel lost against
     the paper behind it (paper colour and lighting estimated locally, strokes closed away)."""
-    if light_ink(luminance(middle_of(pixels)[::2, ::2])):  # the middle: the frame may be mostly desk  # chalk on a board, an MNIST digit, white pen on black
+    # Chalk on a board, white pen on black paper? Judged in the middle: the frame may be mostly desk.
+    if light_ink(luminance(middle_of(pixels)[::2, ::2])):
         pixels = 1.0 - pixels
-    small = resize_to(pixels, BACKGROUND_SIDE)
+    height, width = pixels.shape[:2]
+    small = cv2.resize(pixels, (width // BACKGROUND_STEP, height // BACKGROUND_STEP), interpolation=cv2.INTER_AREA)
     size = max(3, min(small.shape[:2]) // 4) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
     paper = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel)
-    paper = cv2.resize(paper, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_LINEAR)
     # Upsampling smears bright paper over the dark side of sharp edges (a note on a desk, a
     # hard shadow), which would read as ink there; a minimum over the smear's reach undoes it.
-    reach = 2 * round(max(pixels.shape[:2]) / max(small.shape[:2])) + 1
-    paper = cv2.erode(paper, cv2.getStructuringElement(cv2.MORPH_RECT, (reach, reach)))
+    paper = cv2.erode(paper, cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3)))
+    paper = cv2.resize(paper, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_LINEAR)
     # The share of light lost; on dark surfaces (a desk) noise would be a large share, so
     # darkness is measured against at least DARK_PAPER there.
-    lost = (paper - pixels) / np.maximum(paper, DARK_PAPER)
+    lost = cv2.divide(cv2.subtract(paper, pixels), cv2.max(paper, DARK_PAPER))
     if lost.ndim == 3:
-        lost = lost.max(axis=2)
+        lost = cv2.max(cv2.max(lost[..., 0], lost[..., 1]), lost[..., 2])
     return np.clip(lost, 0.0, 1.0, out=lost)
 
 
@@ -216,26 +251,32 @@ def middle_of(pixels: np.ndarray) -> np.ndarray:
     return pixels[height // 5 : height - height // 5, width // 5 : width - width // 5]
 
 
-def stroke_half_width(mask: np.ndarray) -> float:
-    """Half the width of the widest strokes in the middle of an ink mask (0 without ink there);
-    the middle, so that a desk's dark edge does not count as a stroke."""
-    half_width = middle_of(cv2.distanceTransform(mask, cv2.DIST_L2, 3))
-    inside = half_width[half_width > 0]
+def stroke_half_width(half_width: np.ndarray) -> float:
+    """Half the width of the widest strokes in the middle of an ink mask's distance transform
+    (0 without ink there); the middle, so that a desk's dark edge does not count as a stroke."""
+    inside = middle_of(half_width)
+    inside = inside[inside > 0]
     return float(np.percentile(inside, 95)) if inside.size else 0.0
+
+
+def disk_closure(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels within ``radius`` of ``mask`` (uint8 0/1), by a distance transform: cost independent
+    of the radius, unlike a dilation by a disk."""
+    return (cv2.distanceTransform(1 - mask, cv2.DIST_L2, 3) <= radius).astype(np.uint8)
 
 
 def digit_strokes(ink: np.ndarray) -> np.ndarray:
     """The digit's own strokes (soft ink, 0 elsewhere): thin lines opened away, the largest
     stroke group near the centre kept with the strokes close to it."""
-    peak = float(np.percentile(ink, 99.7))
+    peak = float(np.percentile(ink[::2, ::2], 99.7))
     if peak < PHOTO_MIN_INK:
         raise NoInk("the photo shows no ink strokes (blank paper or uniform colour); photograph a digit")
     mask = (ink > 0.45 * peak).astype(np.uint8)
     short = min(ink.shape)
-    stroke = max(MIN_STROKE * short, stroke_half_width(mask))
-    size = max(2, round(stroke * 0.9))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-    cores = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk)
+    half_width = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+    # Opening by a disk of ~half the stroke width: strokes stay, thinner lines go.
+    radius = max(1.0, 0.45 * max(MIN_STROKE * short, stroke_half_width(half_width)))
+    cores = disk_closure((half_width >= radius).astype(np.uint8), radius) & mask
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(cores, connectivity=8)
     if count <= 1:
         raise NoInk("the photo shows no ink strokes thick enough for a digit (only thin lines)")
@@ -261,40 +302,37 @@ def digit_strokes(ink: np.ndarray) -> np.ndarray:
         if near and w < 1.5 * (right - left) + gap and h < 1.5 * (bottom - top) + gap:
             keep.append(other + 1)
             left, top, right, bottom = min(left, x), min(top, y), max(right, x + w), max(bottom, y + h)
+    # Soft stroke edges lie outside the cores: widen the box and take the ink near the cores.
+    reach = round(4 * radius)
+    top, left = max(0, top - reach), max(0, left - reach)
+    bottom, right = min(height, bottom + reach), min(width, right + reach)
     chosen = np.isin(labels[top:bottom, left:right], keep).astype(np.uint8)
-    reach = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * size + 1, 2 * size + 1))
-    near_strokes = cv2.dilate(chosen, reach)
-    crop = ink[top:bottom, left:right] * near_strokes
-    level = float(np.percentile(crop[chosen > 0], 90))
-    crop = (crop - 0.3 * level) * (1.0 / (0.7 * level))
+    crop = ink[top:bottom, left:right] * disk_closure(chosen, reach)
+    level = float(np.percentile(crop[chosen > 0], 95))
+    crop = (crop - PHOTO_FLOOR * level) * (1.0 / ((1.0 - PHOTO_FLOOR) * level))
     return np.clip(crop, 0.0, 1.0, out=crop)
 
 
-def center_in_field(digit: np.ndarray) -> np.ndarray:
-    """Place a digit (<= 20x20, float [0,1]) in a 28x28 field, centre of mass at the centre."""
+def place_in_field(digit: np.ndarray) -> np.ndarray:
+    """A digit (<= 20x20, float [0,1]) in a 28x28 uint8 field, its centre of mass at the centre."""
     height, width = digit.shape
-    total = float(digit.sum())
-    cy = float(digit.sum(axis=1) @ np.arange(height, dtype=np.float32)) / total
-    cx = float(digit.sum(axis=0) @ np.arange(width, dtype=np.float32)) / total
+    moments = cv2.moments(digit)
+    if moments["m00"] <= 0:
+        raise NoInk("the ink is too faint or too small to read")
+    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
     top = min(max(round((FIELD - 1) / 2 - cy), 0), FIELD - height)  # keep the whole digit in view
     left = min(max(round((FIELD - 1) / 2 - cx), 0), FIELD - width)
-    field = np.zeros((FIELD, FIELD), dtype=np.float32)
-    field[top : top + height, left : left + width] = digit
+    field = np.zeros((FIELD, FIELD), dtype=np.uint8)
+    field[top : top + height, left : left + width] = digit * 255.0 + 0.5
     return field
 
 
 def digit_from_ink(ink: np.ndarray) -> np.ndarray:
     """Crop the ink, fit its longer side to 20 px, centre it by mass in 28x28 -> uint8."""
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
-    if not len(rows):
+    left, top, width, height = cv2.boundingRect((ink > 0).view(np.uint8))
+    if not width:
         raise NoInk("the ink is too faint or too small to read")
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    resized = resize_to(crop, DIGIT_BOX)
-    np.clip(resized, 0.0, 1.0, out=resized)
-    if resized.sum() <= 0:
-        raise NoInk("the ink is too faint or too small to read")
-    return np.rint(center_in_field(resized) * 255.0).astype(np.uint8)
+    return place_in_field(resize_to(ink[top : top + height, left : left + width], DIGIT_BOX))
 
 
 def prepare_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -302,10 +340,13 @@ def prepare_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
     Raises an :class:`ImageProblem` subclass naming what is wrong with the image.
     """
-    pixels = to_pixels(open_image(data, max_pixels, reduce_to=WORK_SIDE))
-    if max(pixels.shape[:2]) <= SMALL_SIDE:
+    grey = small_grey_png(data, max_pixels)
+    if grey is not None:
+        return digit_from_ink(scan_ink(grey * np.float32(1 / 255)))
+    pixels = to_pixels(open_image(data, max_pixels, reduce_to=WORK_SIDE), WORK_SIDE)
+    if max(pixels.shape[:2]) <= SMALL_SIDE or flat_border(pixels):
         return digit_from_ink(scan_ink(luminance(pixels)))
-    return digit_from_ink(digit_strokes(paper_ink(resize_to(pixels, WORK_SIDE))))
+    return digit_from_ink(digit_strokes(paper_ink(resize_to(pixels, WORK_SIDE, BACKGROUND_STEP))))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -143,10 +143,11 @@ def lighting(rng: np.random.Generator, height: int, width: int, shadow: bool) ->
     return light[..., None] * cast[None, None, :]
 
 
-def photograph(rng: np.random.Generator, rgb: np.ndarray, light: np.ndarray) -> bytes:
-    """Lit page -> a phone JPEG: scaled to 60-400 px, blurred, noised, quality 35-85."""
+def photograph(rng: np.random.Generator, rgb: np.ndarray, light: np.ndarray, longer: int | None = None) -> bytes:
+    """Lit page -> a phone JPEG: scaled to 60-400 px (or ``longer``), blurred, noised, quality 35-85."""
     height, width = rgb.shape[:2]
-    longer = int(round(np.exp(rng.uniform(np.log(60), np.log(400)))))
+    drawn = int(round(np.exp(rng.uniform(np.log(60), np.log(400)))))
+    longer = longer or drawn
     scale = longer / max(height, width)
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
     image = cv2.resize(rgb * light, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
@@ -164,7 +165,8 @@ def pick(rng: np.random.Generator, table: dict[str, tuple]) -> np.ndarray:
     return jitter(rng, table[list(table)[rng.integers(len(table))]])
 
 
-def compose(rng: np.random.Generator, digit: np.ndarray, condition: str) -> bytes:
+def compose(rng: np.random.Generator, digit: np.ndarray, condition: str, longer: int | None = None) -> bytes:
+    """One photo of ``digit`` (MNIST uint8 [28,28]) under ``condition``; ``longer`` fixes its size."""
     aspect = rng.uniform(0.75, 1.33)
     height, width = (RENDER, round(RENDER * aspect)) if aspect >= 1 else (round(RENDER / aspect), RENDER)
     short = min(height, width)
@@ -211,7 +213,7 @@ def compose(rng: np.random.Generator, digit: np.ndarray, condition: str) -> byte
         ys, xs = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]].astype(np.float32)
         cy, cx, r = rng.uniform(0, rgb.shape[0]), rng.uniform(0, rgb.shape[1]), rng.uniform(0.15, 0.4) * short
         light = light + rng.uniform(0.1, 0.3) * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * r * r))[..., None]
-    return photograph(rng, rgb, light)
+    return photograph(rng, rgb, light, longer)
 
 
 CONDITIONS = ("plain", "ruled", "squared", "sticky_note", "whiteboard", "near_edge", "shadow", "angle")
