@@ -30,7 +30,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Each request is preprocessed in its own API-server process or thread: no OpenCV thread pool
 # on top (it would only contend with the other requests for the same cores).
 cv2.setNumThreads(1)
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # errors only: a corrupt upload is reported to the client, not logged by OpenCV
+# Errors only: a corrupt upload is reported to its client, not logged by OpenCV.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF"})
 DEFAULT_MAX_PIXELS = 25_000_000  # a 5000x5000 photo; larger headers are refused before decoding

@@ -146,7 +146,7 @@ def lighting(rng: np.random.Generator, height: int, width: int, shadow: bool) ->
 def photograph(rng: np.random.Generator, rgb: np.ndarray, light: np.ndarray, longer: int | None = None) -> bytes:
     """Lit page -> a phone JPEG: scaled to 60-400 px (or ``longer``), blurred, noised, quality 35-85."""
     height, width = rgb.shape[:2]
-    drawn = int(round(np.exp(rng.uniform(np.log(60), np.log(400)))))
+    drawn = round(float(np.exp(rng.uniform(np.log(60), np.log(400)))))
     longer = longer or drawn
     scale = longer / max(height, width)
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
