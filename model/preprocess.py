@@ -317,10 +317,11 @@ def digit_strokes(ink: np.ndarray) -> np.ndarray:
 def place_in_field(digit: np.ndarray) -> np.ndarray:
     """A digit (<= 20x20, float [0,1]) in a 28x28 uint8 field, its centre of mass at the centre."""
     height, width = digit.shape
-    moments = cv2.moments(digit)
-    if moments["m00"] <= 0:
+    total = float(digit.sum())
+    if total <= 0:
         raise NoInk("the ink is too faint or too small to read")
-    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
+    cy = float(digit.sum(axis=1) @ np.arange(height, dtype=np.float32)) / total
+    cx = float(digit.sum(axis=0) @ np.arange(width, dtype=np.float32)) / total
     top = min(max(round((FIELD - 1) / 2 - cy), 0), FIELD - height)  # keep the whole digit in view
     left = min(max(round((FIELD - 1) / 2 - cx), 0), FIELD - width)
     field = np.zeros((FIELD, FIELD), dtype=np.uint8)
