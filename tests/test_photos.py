@@ -28,8 +28,8 @@ def test_photos_read_as_well_as_clean_scans(start_server, registry_copy, mnist_t
         right[photo.condition].append(read(server.url, photo.jpeg, "photo.jpg", "image/jpeg") == photo.label)
         clean[photo.condition].append(post_png(server.url, png_of(images[photo.mnist_index])).json()["digit"]
                                       == photo.label)
-    table = "\n".join(f"{c:<12} photos {sum(right[c]) / len(right[c]):6.1%}   clean {sum(clean[c]) / len(clean[c]):6.1%}"
-                      for c in CONDITIONS)
+    table = "\n".join(f"{c:<12} photos {sum(right[c]) / PER_CONDITION:6.1%}   "
+                      f"clean {sum(clean[c]) / PER_CONDITION:6.1%}" for c in CONDITIONS)
     photo_accuracy = sum(map(sum, right.values())) / len(photos)
     clean_accuracy = sum(map(sum, clean.values())) / len(photos)
     print(f"\n{table}\nall          photos {photo_accuracy:6.1%}   clean {clean_accuracy:6.1%}")
