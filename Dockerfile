@@ -3,15 +3,21 @@
 #   CUDA:           docker build -t digit-service:cuda \
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                     --build-arg TORCH_INDEX=https://pypi.org/simple .
+#   Here, offline from image registries: `make image` (a local Debian base, buildah; see README).
 # Mount a registry at /app/registry to serve existing versions; with none, the first start
 # prepares MNIST and trains the base model (a few minutes).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
+# TORCH_INDEX: where the torch wheels come from (CPU-only builds on download.pytorch.org).
+# PIP_CERT (optional): a CA bundle for pip behind a TLS-intercepting proxy, mounted at build
+# time (buildah bud -v /etc/ssl/certs:/etc/ssl/certs:ro); a build arg, so not kept in the image.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_CERT
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DIGITS_HOST=0.0.0.0 \
     DIGITS_PORT=8000 \
     DIGITS_REGISTRY=/app/registry \

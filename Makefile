@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess gpu-bench clean
+.PHONY: install data train retrain run test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess gpu-bench image image-smoke clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -44,9 +44,22 @@ test: train browser
 	@echo "==> tests"
 	$(PY) -m pytest -ra
 
+# Kubernetes manifests, validated offline against the API schemas kubernetes-validate ships:
+# every plain manifest, then every kustomization as rendered (overlays' patches included).
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/k8s/base/*.yaml))
+K8S_KUSTOMIZATIONS := $(patsubst %/kustomization.yaml,%,$(wildcard deploy/k8s/*/kustomization.yaml))
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck deploy/image/*.sh
+	$(VENV)/bin/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
+	@command -v kubectl >/dev/null || { echo "kubectl is needed to render the kustomizations in deploy/k8s"; exit 1; }
+	@rendered=$$(mktemp --suffix=.yaml); trap 'rm -f "$$rendered"' EXIT; \
+	for dir in $(K8S_KUSTOMIZATIONS); do \
+	  echo "kubectl kustomize $$dir | kubernetes-validate --strict"; \
+	  kubectl kustomize "$$dir" > "$$rendered" && $(VENV)/bin/kubernetes-validate --strict --quiet "$$rendered" || exit 1; \
+	done
 
 loadtest: train
 	$(PY) -m loadtest.run_locust
@@ -67,6 +80,27 @@ bench-preprocess: data
 
 gpu-bench:
 	bash loadtest/gpu_bench.sh
+
+# The container image, built with buildah from a base made here (no image registry is
+# reachable): mmdebstrap's Debian bookworm + Python 3.11, imported with podman. torch comes
+# from PyPI (its x86_64 wheels are CUDA builds; download.pytorch.org's CPU-only ones are not
+# reachable here). The CA bundle is mounted for pip at build time, never copied in.
+IMAGE ?= localhost/digit-service:cpu
+BASE_IMAGE ?= localhost/digit-service-base:bookworm
+IMAGE_TORCH_INDEX ?= https://pypi.org/simple
+image:
+	deploy/image/make-base.sh $(BASE_IMAGE)
+	@echo "==> building $(IMAGE) with buildah (torch is most of it: 10+ minutes)"
+	nice -n 10 buildah bud --isolation chroot --layers -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(IMAGE_TORCH_INDEX) \
+	  --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt -v /etc/ssl/certs:/etc/ssl/certs:ro .
+	buildah images $(IMAGE)
+
+# Once, by hand (not in CI): serve a copy of the registry from the image as its non-root user,
+# then as the Kubernetes serving pod would (read-only root, the manifests' environment).
+image-smoke:
+	deploy/image/smoke.sh $(IMAGE) $(REGISTRY)
+	deploy/image/pod-smoke.sh $(IMAGE) $(REGISTRY) $(PY)
 
 clean:
 	rm -rf reports .pytest_cache

@@ -55,7 +55,7 @@ def main() -> int:
     upload = rotated_upload(args.data_dir, args.samples)
     print("starting the service with default settings ...", flush=True)
     registry = private_registry(args.registry, args.reports / "bench-finetune-registry")
-    with service(PORT, log_path=args.reports / "bench-finetune.log", admin_token=token, access_log="false",
+    with service(PORT, args.reports, admin_token=token, access_log="false",
                  registry=str(registry)):
         hey(f"{URL}/predict", body, args.clients, 2)
         _, _, idle_p99, _, _ = hey(f"{URL}/predict", body, args.clients, args.seconds)

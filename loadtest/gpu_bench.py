@@ -80,7 +80,11 @@ def bench_service(seconds: float = 20.0, clients: int = 32) -> dict | None:
     url = "http://127.0.0.1:8103/predict"
     latencies: list[float] = []
     failures = 0
-    with service(8103, device="cuda", runtime="torch", access_log="false", trainer_enabled="false",
+    import tempfile
+    from pathlib import Path
+
+    with service(8103, Path(tempfile.mkdtemp()), device="cuda", runtime="torch", access_log="false",
+                 trainer_enabled="false",
                  max_batch_size=64, api_servers=max(2, (os.cpu_count() or 4) // 2)):
         deadline = time.monotonic() + seconds
 

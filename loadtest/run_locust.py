@@ -39,7 +39,7 @@ def main() -> int:
                                         args.reports / "loadtest-registry")
             print(f"starting the service on port {port} with a copy of the registry in {registry} "
                   "(stopped when the load test ends) ...", flush=True)
-            stack.enter_context(service(port, log_path=args.reports / "loadtest-server.log", registry=str(registry),
+            stack.enter_context(service(port, args.reports, registry=str(registry),
                                         admin_token=env["DIGITS_ADMIN_TOKEN"], access_log="false"))
         command = [
             sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",

@@ -1,5 +1,5 @@
-"""Start and stop servers for load tests and benchmarks: in their own process group, stopped
-(group and all) when the block ends, also on errors."""
+"""Start and stop servers for tests, load tests and benchmarks: each in its own process group,
+stopped (group and all) when done, also on errors; and private registries to run them on."""
 
 from __future__ import annotations
 
@@ -7,31 +7,39 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
+
+from model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def private_registry(source: Path, target: Path) -> Path:
-    """A copy of the source registry's active version, so a load test's fine-tunes never touch
-    the registry people serve from."""
-    from model.registry import Registry
-
+def private_registry(source: Path, target: Path, version: str | None = None) -> Path:
+    """A new registry at ``target`` holding one version of ``source`` as v0001 (default: the
+    base model `make train` published), so runs never touch the registry people serve from and
+    never depend on what is active there."""
     registry = Registry(source)
-    version = registry.active_version()
+    version = version or registry.base_version()
     if version is None:
-        raise RuntimeError(f"{source} has no active version; run `make train`")
+        raise RuntimeError(f"{source} has no trained model; run `make train`")
     shutil.rmtree(target, ignore_errors=True)
-    copy = Registry(target)
-    shutil.copytree(registry.version_dir(version), copy.version_dir(version))
-    (copy.root / "ACTIVE").write_text(f"{version}\n")
+    Registry(target).import_version(registry, version)
     return target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def is_up(url: str, path: str = "/ready") -> bool:
@@ -41,41 +49,86 @@ def is_up(url: str, path: str = "/ready") -> bool:
         return False
 
 
-@contextlib.contextmanager
-def server_process(command: list[str], url: str, env: dict[str, str] | None = None, ready_path: str = "/ready",
-                   timeout: float = 300.0, log_path: Path | None = None) -> Iterator[subprocess.Popen]:
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+@dataclass
+class ServerProcess:
+    """A real server (``python -m service`` unless ``command`` says otherwise) in its own process group."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "service"])
+    ready_path: str = "/ready"
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
+        env = {**os.environ, "DIGITS_PORT": str(self.port), **self.env}
+        self.log_path = log_dir / f"server-{self.port}.log"
+        log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        if wait_ready:
+            self.wait_ready(wait_ready)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not is_up(url, ready_path):
-            if process.poll() is not None:
-                raise RuntimeError(f"{' '.join(command)} exited with {process.returncode} (log: {log_path})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {timeout:.0f} s (log: {log_path})")
-            time.sleep(0.3)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            if is_up(self.url, self.ready_path):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        """Signal the main process; if anything of the group is left, kill the group."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-        if log_path:
-            log.close()
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def kill_group(self) -> None:
+        """Simulate a crash: SIGKILL every process of the server at once."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
 
-def service(port: int, log_path: Path | None = None, **settings: str) -> contextlib.AbstractContextManager:
-    env = {f"DIGITS_{k.upper()}": str(v) for k, v in settings.items()}
-    env["DIGITS_PORT"] = str(port)
-    return server_process([sys.executable, "-m", "service"], f"http://127.0.0.1:{port}", env, log_path=log_path)
+def settings_env(**settings: object) -> dict[str, str]:
+    return {f"DIGITS_{name.upper()}": str(value) for name, value in settings.items()}
 
 
-def reference(port: int, registry: str, log_path: Path | None = None) -> contextlib.AbstractContextManager:
-    command = [sys.executable, "-m", "loadtest.reference_server", "--port", str(port), "--registry", registry]
-    return server_process(command, f"http://127.0.0.1:{port}", ready_path="/docs", log_path=log_path)
+@contextlib.contextmanager
+def running(server: ServerProcess, log_dir: Path, timeout: float = 300.0) -> Iterator[ServerProcess]:
+    try:
+        yield server.start(log_dir, timeout)
+    finally:
+        server.stop()
+
+
+def service(port: int, log_dir: Path, **settings: object) -> contextlib.AbstractContextManager[ServerProcess]:
+    return running(ServerProcess(env=settings_env(**settings), port=port), log_dir)
+
+
+def peer(port: int, model_path: Path, log_dir: Path, null: bool = False,
+         ) -> contextlib.AbstractContextManager[ServerProcess]:
+    command = [sys.executable, "-m", "loadtest.peer_server", "--port", str(port), "--model", str(model_path)]
+    return running(ServerProcess(port=port, command=[*command, "--null"] if null else command, ready_path="/docs"),
+                   log_dir)

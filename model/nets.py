@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from model.data import normalize
 
 
 class SimpleNet(nn.Module):
@@ -67,3 +70,16 @@ def build(arch: str = DEFAULT_ARCH) -> nn.Module:
         return ARCHITECTURES[arch]()
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}") from None
+
+
+class ProbabilityHead(nn.Module):
+    """The serving contract around a net: uint8 pixels [N,28,28] (white digit on black) in,
+    probabilities [N,10] out. Normalisation and softmax live here once, so torch.compile and
+    the exported ONNX graph compute exactly the same thing."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(normalize(pixels)), dim=1)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model import data
-from model.export import export_with_parity
+from model.export import export_with_parity, has_current_contract
 from model.nets import build
 from model.registry import ONNX, Manifest, Registry
 from model.train import EpochStats, EvalResult, TrainConfig, evaluate, train
@@ -38,16 +38,13 @@ def publish_model(
     **manifest_fields: Any,
 ) -> Manifest:
     """Publish weights + model.onnx (parity-checked) + any extra files, then activate."""
-    onnx_diff: dict[str, float] = {}
 
     def write_artifacts(directory: Path, version: str) -> None:
-        onnx_diff["max_abs_logit_diff"] = export_with_parity(model, directory / ONNX, version, arch, parity_images)
+        export_with_parity(model, directory / ONNX, version, arch, parity_images)
         if extra_artifacts is not None:
             extra_artifacts(directory)
 
-    metrics = dict(manifest_fields.pop("metrics", {}) or {})
-    manifest = registry.publish(model, arch, metrics=metrics, write_artifacts=write_artifacts, **manifest_fields)
-    return manifest
+    return registry.publish(model, arch, write_artifacts=write_artifacts, **manifest_fields)
 
 
 def train_base_model(
@@ -136,8 +133,12 @@ def export_version(registry: Registry, version: str | None = None, data_dir: Pat
 
 
 def ensure_onnx(registry: Registry, version: str, data_dir: Path | None = None) -> Path:
-    """The version's model.onnx, re-exported from the weights when missing or corrupt."""
+    """The version's model.onnx, re-exported from the weights when missing, corrupt, or exported
+    for an older input/output contract."""
     if not registry.verify_artifact(version, ONNX):
         log.warning("model.onnx of %s is missing or corrupt; re-exporting it from the weights", version)
+        export_version(registry, version, data_dir)
+    elif not has_current_contract(registry.onnx_path(version)):
+        log.warning("model.onnx of %s predates the uint8-in, probabilities-out contract; re-exporting it", version)
         export_version(registry, version, data_dir)
     return registry.onnx_path(version)

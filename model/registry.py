@@ -7,20 +7,22 @@ Layout under the registry root::
         model.safetensors       weights (never pickled)
         manifest.json           id, architecture, parent, metrics, data hash, hyperparameters
         model.onnx, *.png       artifacts written by the publisher
-    staging/                    versions being written; never read
+    staging/                    versions being written; never read (cleared on open when no one publishes)
     jobs/<job_id>.json          fine-tune job records
     samples/<job_id>.safetensors uploaded samples, kept with their job
-    feedback/*.safetensors      user corrections collected by POST /feedback
+    feedback/<id>.safetensors   user corrections collected by POST /feedback
+    feedback/INDEX.json         their count and bytes (kept under feedback/.lock, so counting is O(1))
+    .publish.lock, .trainer.lock file locks: one publisher at a time, one trainer per registry
 
-Every write goes to a temporary name and is renamed into place, so a writer killed at any
-instant leaves the previous state intact. Publishers serialize on a file lock (fcntl: the
-kernel releases it when the holder dies).
+Only this module knows the layout: every other module asks a ``Registry`` for its paths.
+Every write goes to a temporary name and is renamed into place (``atomic_file``), so a
+writer killed at any instant leaves the previous state intact. Publishers serialize on a
+file lock (fcntl: the kernel releases it when the holder dies).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,14 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.atomic import atomic_file, atomic_write_bytes
 from model.nets import build
 
-VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+VERSION_ID = r"^v([0-9]{4,9})$"  # v0001 ... v999999999: bounded, so no id makes a path too long
+VERSION_PATTERN = re.compile(VERSION_ID)
+RECORD_ID = r"^[0-9]{14}[0-9a-f]{8}$"  # job and feedback ids: creation time (YYYYmmddHHMMSS) + 8 hex digits
+RECORD_ID_PATTERN = re.compile(RECORD_ID)
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
@@ -60,26 +66,17 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
 
 
+def new_record_id() -> str:
+    """A job or feedback id: unique, and sorting by it sorts by creation time."""
+    return time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:8]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,10 +96,14 @@ class Registry:
         self.samples_dir = self.root / "samples"
         self.feedback_dir = self.root / "feedback"
         self.active_file = self.root / "ACTIVE"
+        self.feedback_index = self.feedback_dir / "INDEX.json"
+        self.feedback_lock_path = self.feedback_dir / ".lock"
+        self.trainer_lock_path = self.root / ".trainer.lock"
         for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock: FileLock | None = None
         self._lock_pid = -1
+        self._clear_staging_if_idle()
 
     @property
     def lock(self) -> FileLock:
@@ -165,6 +166,24 @@ class Registry:
     def onnx_path(self, version: str) -> Path:
         return self.version_dir(version) / ONNX
 
+    # ------------------------------------------------------------ jobs, samples, feedback
+
+    def job_path(self, job_id: str) -> Path:
+        return self.jobs_dir / f"{job_id}.json"
+
+    def job_paths(self) -> list[Path]:
+        return list(self.jobs_dir.glob("*.json"))
+
+    def samples_path(self, job_id: str) -> Path:
+        return self.samples_dir / f"{job_id}.safetensors"
+
+    def feedback_path(self, sample_id: str) -> Path:
+        return self.feedback_dir / f"{sample_id}.safetensors"
+
+    def feedback_paths(self) -> list[Path]:
+        """Every stored feedback sample, oldest first (ids start with their time)."""
+        return sorted(self.feedback_dir.glob("*.safetensors"))
+
     # ------------------------------------------------------------ writing
 
     def _next_version(self) -> str:
@@ -218,10 +237,9 @@ class Registry:
         its new hash in the manifest. Both files are replaced atomically."""
         directory = self.version_dir(version)
         with self.lock:
-            tmp = directory / f".{name}.{os.getpid()}.tmp"
-            write(tmp)
-            digest = sha256_file(tmp)
-            os.replace(tmp, directory / name)
+            with atomic_file(directory / name) as tmp:
+                write(tmp)
+                digest = sha256_file(tmp)
             manifest = self.get(version)
             manifest.files[name] = digest
             atomic_write_bytes(directory / MANIFEST, manifest.model_dump_json(indent=2).encode())
@@ -231,6 +249,26 @@ class Registry:
         path = self.version_dir(version) / name
         expected = self.get(version).files.get(name)
         return path.is_file() and expected is not None and sha256_file(path) == expected
+
+    def base_version(self) -> str | None:
+        """The oldest version trained from scratch (no parent): what `make train` published."""
+        bases = [m.version for m in self.list_versions() if m.parent is None]
+        return bases[0] if bases else None
+
+    def import_version(self, source: Registry, version: str, activate: bool = True) -> Manifest:
+        """Copy ``version`` of another registry in as this registry's next version (files and
+        manifest, renamed as a whole like a publish); its lineage is reset (no parent, no job)."""
+        with self.lock:
+            self._clear_staging()
+            new_version = self._next_version()
+            staging = self.staging_dir / f"{new_version}.{os.getpid()}"
+            shutil.copytree(source.version_dir(version), staging)
+            manifest = source.get(version).model_copy(update={"version": new_version, "parent": None, "job_id": None})
+            atomic_write_bytes(staging / MANIFEST, manifest.model_dump_json(indent=2).encode())
+            os.rename(staging, self.versions_dir / new_version)
+            if activate:
+                self._write_active(new_version)
+            return manifest
 
     def activate(self, version: str) -> None:
         if not self.exists(version):
@@ -245,3 +283,15 @@ class Registry:
     def _clear_staging(self) -> None:
         for leftover in self.staging_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def _clear_staging_if_idle(self) -> None:
+        """On open (a server or trainer starting): if no one holds the publish lock, whatever is
+        in staging/ was left by a publisher that was killed. A busy lock means a publish is under
+        way; that publisher clears leftovers itself."""
+        if not any(self.staging_dir.iterdir()):
+            return
+        try:
+            with self.lock.acquire(timeout=0):
+                self._clear_staging()
+        except Timeout:
+            pass

@@ -1,8 +1,8 @@
 """``python -m service``: serve the active model on DIGITS_HOST:DIGITS_PORT (127.0.0.1:8000).
 
 Owns the process tree: LitServe's API servers and inference workers, and the fine-tune
-trainer. SIGTERM and SIGINT both run one graceful shutdown (LitServe 0.2.19 alone would
-leave its children running on SIGTERM): in-flight requests finish, then every child stops.
+trainer, all supervised (a dead one is replaced). SIGTERM and SIGINT both run one graceful
+shutdown: in-flight requests finish, then every child stops.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -18,17 +17,6 @@ from pathlib import Path
 from service.settings import Settings
 
 log = logging.getLogger("digits.main")
-
-
-MAIN_PID = os.getpid()
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM/SIGINT in the main process -> LitServe's graceful shutdown path. Forked API
-    servers inherit this handler; uvicorn has already shut them down gracefully when it
-    re-raises the signal, so there it does nothing and the process exits."""
-    if os.getpid() == MAIN_PID:
-        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def stop_children(timeout: float = 10.0) -> None:
@@ -53,8 +41,9 @@ def stop_children(timeout: float = 10.0) -> None:
             pass
 
 
-def main() -> int:
-    settings = Settings(_cli_parse_args=True)
+def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> int:
+    """``lit_api_class``: tests pass a PredictAPI subclass to inject faults into the workers."""
+    settings = Settings(_cli_parse_args=argv if argv is not None else True)
     own_run_dir = settings.run_dir is None
     settings.run_dir = Path(tempfile.mkdtemp(prefix="digits-run-")) if own_run_dir else settings.run_dir
 
@@ -65,21 +54,26 @@ def main() -> int:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
+    from model.publish import ensure_onnx
+    from model.registry import Registry
+    from service import litserve_adapter as adapter
+    from service import placement
     from service.logs import configure_logging
     from service.server import build_server
-    from service.trainer import start_trainer
 
     configure_logging(settings.log_level)
-    from model.registry import Registry
-
-    if Registry(settings.registry).active_version() is None:
+    registry = Registry(settings.registry)
+    version = registry.active_version()
+    if version is None:
         print(f"error: {settings.registry} has no active model; run `make train` first", file=sys.stderr)
         return 2
-    server = build_server(settings)
-    trainer = start_trainer(settings) if settings.trainer_enabled else None
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    log.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    where = placement.decide(settings)
+    if where.where == "api":
+        ensure_onnx(registry, version, settings.data_dir)  # once here, not in every API server
+    server = build_server(settings, where) if lit_api_class is None else build_server(settings, where, lit_api_class)
+    adapter.interrupt_on_signals(os.getpid())
+    log.info("serving on http://%s:%d (docs at /docs); model in the %s (%s)", settings.host, settings.port,
+             "API servers" if where.where == "api" else "inference workers", where.reason)
     try:
         server.run(
             host=settings.host,
@@ -92,11 +86,8 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        adapter.ignore_signals()
         log.info("shutting down")
-        if trainer is not None:
-            trainer.stop()
         stop_children()
         if own_run_dir:
             shutil.rmtree(settings.run_dir, ignore_errors=True)

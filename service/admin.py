@@ -1,4 +1,4 @@
-"""Admin API: fine-tune jobs, model versions, activate/rollback, bearer-token auth.
+"""Admin API: fine-tune jobs, model versions, activate/rollback, behind the admin bearer token.
 
 These routes run in the API-server processes, which hold no model: they validate uploads,
 write jobs and samples to the registry, and move the ACTIVE pointer. The trainer process
@@ -8,40 +8,61 @@ runs the jobs; the inference workers notice new versions by themselves.
 from __future__ import annotations
 
 import asyncio
-import hmac
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from model.preprocess import ImageProblem, prepare_digit
-from model.registry import Registry, RegistryError
+from model.registry import RECORD_ID, VERSION_ID, RegistryError
 from service.archives import ArchiveLimits, read_image_folder
-from service.feedback import FeedbackStore, install_feedback_route, parse_label
-from service.inputs import ClientError, decode_base64, media_type, parse_json, read_form, validation_detail
-from service.jobs import JobStore
-from service.schemas import ActivateResponse, FinetuneJSON, FinetuneOptions, JobAccepted, JobRecord, ModelEntry
+from service.auth import require_admin
+from service.bodies import read_body
+from service.errors import ClientError, validation_detail
+from service.feedback_store import FeedbackStore
+from service.inputs import decode_base64
+from service.labels import parse_label
+from service.schemas import (
+    ActivateResponse,
+    ErrorBody,
+    FinetuneJSON,
+    FinetuneOptions,
+    JobAccepted,
+    JobRecord,
+    ModelEntry,
+    inline_schema,
+)
 from service.settings import Settings
+from service.stores import FeedbackStoreDep, JobsDep, RegistryDep, SettingsDep
 
 OPTION_FIELDS = tuple(FinetuneOptions.model_fields)
+Named = list[tuple[str, int, bytes]]  # (sample name, label, image bytes)
+JobId = Annotated[str, Path(pattern=RECORD_ID, description="a job id, like 20260101120000a1b2c3d4")]
+Version = Annotated[str, Path(pattern=VERSION_ID, description="a version id, like v0001")]
+
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+    responses={401: {"model": ErrorBody, "description": "no admin token, or a wrong one"},
+               403: {"model": ErrorBody, "description": "admin disabled: no token configured"}},
+)
+
+# ------------------------------------------------------------------ fine-tune uploads
+
+MULTIPART_FORM = {
+    "type": "object",
+    "description": "either an `archive`, or `files` with one label each in `labels`; plus any option",
+    "properties": {
+        "archive": {"type": "string", "format": "binary", "description": ".zip/.tar.gz, <label>/<name>.png"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "labels": {"type": "string", "description": "one digit per file, comma-separated (or one field each)"},
+        **{name: {"type": "string", "description": f"option {name} (see the JSON form)"} for name in OPTION_FIELDS},
+    },
+}
 
 
-def require_admin(request: Request) -> None:
-    """Bearer token, compared in constant time; 403 when no token is configured at all."""
-    expected = request.app.state.settings.admin_token_value()
-    if not expected:
-        raise ClientError(403, "admin_disabled",
-                          "admin routes are disabled: set DIGITS_ADMIN_TOKEN (or DIGITS_ADMIN_TOKEN_FILE) "
-                          "and restart the service")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ClientError(401, "missing_token", "send 'Authorization: Bearer <admin token>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise ClientError(401, "invalid_token", "the admin token is not valid")
-
-
-def decode_samples(named: list[tuple[str, int, bytes]], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_samples(named: Named, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every sample through the same preprocessing as /predict; the first bad one is named."""
     images = np.empty((len(named), 28, 28), dtype=np.uint8)
     for index, (name, _, data) in enumerate(named):
@@ -52,25 +73,22 @@ def decode_samples(named: list[tuple[str, int, bytes]], max_pixels: int) -> tupl
     return images, np.array([label for _, label, _ in named], dtype=np.int64)
 
 
-def options_from_form(form) -> FinetuneOptions:
+def options_from_form(form: FormData) -> FinetuneOptions:
     values = {name: form.get(name) for name in OPTION_FIELDS if form.get(name) not in (None, "")}
     try:
         return FinetuneOptions.model_validate(values)
     except ValidationError as exc:
-        raise ClientError(422, "invalid_options", validation_detail(exc)) from None
+        raise ClientError(422, "invalid_options", validation_detail(exc.errors(include_input=False))) from None
 
 
-async def samples_from_multipart(request: Request, settings: Settings):
-    form = await read_form(request, settings.finetune_max_body_bytes, max_files=settings.finetune_max_samples + 1)
-    options = options_from_form(form)
+async def samples_from_form(form: FormData, settings: Settings) -> Named:
     archive = form.get("archive")
     if isinstance(archive, UploadFile):
         limits = ArchiveLimits(settings.finetune_max_samples, settings.finetune_max_archive_bytes)
-        named = read_image_folder(await archive.read(), archive.filename or "", limits)
-        return named, options
+        return read_image_folder(await archive.read(), archive.filename or "", limits)
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    raw_labels = [str(v) for v in form.getlist("labels")]
-    labels = [part for value in raw_labels for part in value.split(",") if part.strip()]
+    labels = [part.strip() for value in form.getlist("labels") if isinstance(value, str)
+              for part in value.split(",") if part.strip()]
     if not files:
         raise ClientError(422, "missing_samples",
                           "send an 'archive' (.zip/.tar.gz, <label>/<name>.png) or 'files' with 'labels'")
@@ -79,11 +97,12 @@ async def samples_from_multipart(request: Request, settings: Settings):
     named = []
     for index, (upload, label) in enumerate(zip(files, labels, strict=True)):
         name = upload.filename or f"file {index}"
-        named.append((name, parse_label(label, f"label of sample {index} ({name})"), await upload.read()))
-    return named, options
+        named.append((name, parse_label(label, f"labels[{index}] (of {name})"), await upload.read()))
+    return named
 
 
-def samples_from_json(payload: FinetuneJSON):
+def samples_from_json(payload: FinetuneJSON) -> Named | None:
+    """The inline samples, or None for ``source: feedback``."""
     if payload.source == "feedback":
         return None
     if not payload.samples:
@@ -92,71 +111,89 @@ def samples_from_json(payload: FinetuneJSON):
             for i, s in enumerate(payload.samples)]
 
 
-def install_admin_routes(app: FastAPI, settings: Settings) -> None:
-    registry = Registry(settings.registry)
-    jobs = JobStore(registry)
-    feedback = FeedbackStore(registry)
-    install_feedback_route(app, registry)
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+async def read_upload(request: Request, settings: Settings) -> tuple[Named | None, FinetuneOptions, str]:
+    """(samples or None for feedback, options, source) from a multipart or JSON body."""
+    body = await read_body(request, FinetuneJSON, max_part_bytes=settings.finetune_max_body_bytes,
+                           max_files=settings.finetune_max_samples + 1,
+                           expected="multipart/form-data (archive, or files + labels) or application/json")
+    if isinstance(body, FormData):
+        options = options_from_form(body)
+        return await samples_from_form(body, settings), options, "upload"
+    options = FinetuneOptions.model_validate(body.model_dump(include=set(OPTION_FIELDS)))
+    return samples_from_json(body), options, body.source
 
-    @router.post("/finetune", status_code=202, response_model=JobAccepted,
-                 summary="Fine-tune the live model on labelled samples (runs in the background)")
-    async def submit_finetune(request: Request) -> JobAccepted:
-        kind = media_type(request)
-        if kind == "multipart/form-data":
-            named, options = await samples_from_multipart(request, settings)
-            source = "upload"
-        elif kind == "application/json" or kind.endswith("+json"):
-            payload = parse_json(await request.body(), FinetuneJSON)
-            options = FinetuneOptions.model_validate(payload.model_dump(include=set(OPTION_FIELDS)))
-            named, source = samples_from_json(payload), payload.source
-        else:
-            raise ClientError(415, "unsupported_media_type", "send multipart/form-data or application/json")
-        if named is None:
-            images, labels = await asyncio.to_thread(feedback.load_all)
-            if len(labels) == 0:
-                raise ClientError(422, "no_feedback", "no feedback has been collected yet; POST /feedback first")
-        else:
-            if len(named) > settings.finetune_max_samples:
-                raise ClientError(413, "too_many_samples",
-                                  f"{len(named):,} samples; the limit is {settings.finetune_max_samples:,}")
-            images, labels = await asyncio.to_thread(decode_samples, named, settings.max_pixels)
-        if not 1 <= len(labels) <= settings.finetune_max_samples:
-            raise ClientError(422, "sample_count", f"send 1 to {settings.finetune_max_samples:,} samples")
-        ahead = jobs.pending_count()
-        record = await asyncio.to_thread(jobs.create, images, labels, options, source)
-        message = (f"queued behind {ahead} job(s); one job trains at a time" if ahead
-                   else "queued; training starts within a second")
-        return JobAccepted(job_id=record.job_id, status_url=f"/admin/jobs/{record.job_id}", state=record.state,
-                           queued_behind=ahead, message=message)
 
-    @router.get("/jobs", response_model=list[JobRecord], summary="All fine-tune jobs, oldest first")
-    async def list_jobs() -> list[JobRecord]:
-        return jobs.all()
+async def training_data(named: Named | None, settings: Settings,
+                        feedback: FeedbackStore) -> tuple[np.ndarray, np.ndarray]:
+    if named is None:
+        images, labels = await asyncio.to_thread(feedback.load_all)
+        if len(labels) == 0:
+            raise ClientError(422, "no_feedback", "no feedback has been collected yet; POST /feedback first")
+    else:
+        if len(named) > settings.finetune_max_samples:
+            raise ClientError(413, "too_many_samples",
+                              f"{len(named):,} samples; the limit is {settings.finetune_max_samples:,}")
+        images, labels = await asyncio.to_thread(decode_samples, named, settings.max_pixels)
+    if not 1 <= len(labels) <= settings.finetune_max_samples:
+        raise ClientError(422, "sample_count", f"send 1 to {settings.finetune_max_samples:,} samples")
+    return images, labels
 
-    @router.get("/jobs/{job_id}", response_model=JobRecord, summary="One job: state, progress, metrics")
-    async def get_job(job_id: str) -> JobRecord:
-        try:
-            return jobs.get(job_id)
-        except KeyError:
-            raise ClientError(404, "unknown_job", f"no job {job_id!r}") from None
 
-    @router.get("/models", response_model=list[ModelEntry], summary="Published versions; which is active")
-    async def list_models() -> list[ModelEntry]:
-        active = registry.active_version()
-        return [ModelEntry(version=m.version, arch=m.arch, parent=m.parent, created=m.created,
-                           active=m.version == active, job_id=m.job_id,
-                           metrics={k: v for k, v in m.metrics.items() if k != "history"})
-                for m in registry.list_versions()]
+@router.post(
+    "/finetune", status_code=202, response_model=JobAccepted,
+    summary="Fine-tune the live model on labelled samples (runs in the background)",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": MULTIPART_FORM},
+        "application/json": {"schema": inline_schema(FinetuneJSON)}}}},
+    responses={413: {"model": ErrorBody, "description": "body, archive or sample count over the limit"},
+               415: {"model": ErrorBody, "description": "not multipart or JSON; not a zip/tar.gz; not an image"},
+               422: {"model": ErrorBody, "description": "bad label, option, sample, archive layout or base64"}},
+)
+async def submit_finetune(request: Request, settings: SettingsDep, jobs: JobsDep,
+                          feedback: FeedbackStoreDep) -> JobAccepted:
+    named, options, source = await read_upload(request, settings)
+    images, labels = await training_data(named, settings, feedback)
+    ahead = jobs.pending_count()
+    record = await asyncio.to_thread(jobs.create, images, labels, options, source)
+    message = (f"queued behind {ahead} job(s); one job trains at a time" if ahead
+               else "queued; training starts within a second")
+    return JobAccepted(job_id=record.job_id, status_url=f"/admin/jobs/{record.job_id}", state=record.state,
+                       queued_behind=ahead, message=message)
 
-    @router.post("/models/{version}/activate", response_model=ActivateResponse,
-                 summary="Roll back or forward: every worker serves this version within seconds")
-    async def activate(version: str) -> ActivateResponse:
-        previous = registry.active_version()
-        try:
-            await asyncio.to_thread(registry.activate, version)
-        except RegistryError as exc:
-            raise ClientError(404, "unknown_version", str(exc)) from None
-        return ActivateResponse(active=version, previous=previous)
 
-    app.include_router(router)
+# ------------------------------------------------------------------ jobs and versions
+
+
+@router.get("/jobs", response_model=list[JobRecord], summary="All fine-tune jobs, oldest first")
+async def list_jobs(jobs: JobsDep) -> list[JobRecord]:
+    return jobs.all()
+
+
+@router.get("/jobs/{job_id}", response_model=JobRecord, summary="One job: state, progress, metrics",
+            responses={404: {"model": ErrorBody, "description": "no such job"}})
+async def get_job(job_id: JobId, jobs: JobsDep) -> JobRecord:
+    try:
+        return jobs.get(job_id)
+    except KeyError:
+        raise ClientError(404, "unknown_job", f"no job {job_id!r}") from None
+
+
+@router.get("/models", response_model=list[ModelEntry], summary="Published versions; which is active")
+async def list_models(registry: RegistryDep) -> list[ModelEntry]:
+    active = registry.active_version()
+    return [ModelEntry(version=m.version, arch=m.arch, parent=m.parent, created=m.created,
+                       active=m.version == active, job_id=m.job_id,
+                       metrics={k: v for k, v in m.metrics.items() if k != "history"})
+            for m in registry.list_versions()]
+
+
+@router.post("/models/{version}/activate", response_model=ActivateResponse,
+             summary="Roll back or forward: every worker serves this version within seconds",
+             responses={404: {"model": ErrorBody, "description": "no such version"}})
+async def activate(version: Version, registry: RegistryDep) -> ActivateResponse:
+    previous = registry.active_version()
+    try:
+        await asyncio.to_thread(registry.activate, version)
+    except RegistryError as exc:
+        raise ClientError(404, "unknown_version", str(exc)) from None
+    return ActivateResponse(active=version, previous=previous)

@@ -14,7 +14,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from service.inputs import ClientError
+from service.errors import ClientError
+from service.labels import parse_label
 
 IGNORED_PARTS = ("__MACOSX",)
 
@@ -38,14 +39,7 @@ def _check_name(name: str) -> PurePosixPath | None:
 
 
 def _label_of(path: PurePosixPath) -> int:
-    parent = path.parent.name
-    if len(parent) != 1 or not parent.isdigit():
-        raise ClientError(
-            422, "invalid_label",
-            f"archive member {str(path)!r} is not under a digit folder; use the layout <label>/<name>.png "
-            "with labels 0-9",
-        )
-    return int(parent)
+    return parse_label(path.parent.name, f"the folder of archive member {str(path)!r} (layout <label>/<name>.png)")
 
 
 class _Budget:

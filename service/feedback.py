@@ -1,93 +1,81 @@
-"""User corrections: POST /feedback stores (image, true label) for a later fine-tune."""
+"""POST /feedback: a user's correction (image, true label), stored for a later fine-tune.
+
+Public, so guarded: a per-client rate limit (429), a bounded store (507), and a bearer token
+when DIGITS_FEEDBACK_TOKEN is set (401).
+"""
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
+import asyncio
+import math
+from functools import cache
 
-import numpy as np
-import torch
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import FormData, UploadFile
 
-from model.registry import Registry
-from service.inputs import (
-    ClientError,
-    decode_base64,
-    digit_from_bytes_async,
-    media_type,
-    parse_json,
-    read_form,
+from service.auth import require_feedback_token
+from service.bodies import read_body
+from service.errors import ClientError
+from service.inputs import decode_base64, digit_from_bytes_async
+from service.labels import parse_label
+from service.ratelimit import TokenBuckets
+from service.schemas import ErrorBody, FeedbackResponse, LabelledImageJSON, inline_schema
+from service.stores import FeedbackStoreDep, SettingsDep
+
+
+@cache
+def client_buckets(rate: float, burst: int) -> TokenBuckets:
+    return TokenBuckets(rate, burst)  # one table per API-server process
+
+
+def rate_limit(request: Request, settings: SettingsDep) -> None:
+    client = request.client.host if request.client else "unknown"
+    wait = client_buckets(settings.feedback_rate, settings.feedback_burst).take(client)
+    if wait:
+        raise ClientError(429, "rate_limited",
+                          f"too many feedback posts from {client}: {settings.feedback_burst} at once, then "
+                          f"{settings.feedback_rate:g} per second; retry in {wait:.1f} s",
+                          headers={"Retry-After": str(math.ceil(wait))})
+
+
+MULTIPART_FORM = {"type": "object", "required": ["file", "label"],
+                  "properties": {"file": {"type": "string", "format": "binary"},
+                                 "label": {"type": "string", "pattern": "^[0-9]$", "description": "the true digit"}}}
+
+router = APIRouter(tags=["feedback"], dependencies=[Depends(rate_limit), Depends(require_feedback_token)])
+
+
+async def labelled_image(request: Request, max_bytes: int) -> tuple[bytes, int]:
+    """(image bytes, label) from multipart ``file`` + ``label`` or JSON ``{image, label}``."""
+    body = await read_body(request, LabelledImageJSON, max_part_bytes=max_bytes, max_files=4,
+                           expected="multipart/form-data (file, label) or application/json {image, label}")
+    if not isinstance(body, FormData):
+        return decode_base64(body.image), body.label
+    upload, label = body.get("file"), body.get("label")
+    if not isinstance(upload, UploadFile):
+        raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
+    if not isinstance(label, str):
+        raise ClientError(422, "missing_label", "the multipart body needs a 'label' field (0-9)")
+    return await upload.read(), parse_label(label)
+
+
+@router.post(
+    "/feedback", status_code=201, response_model=FeedbackResponse,
+    summary="Correct a prediction: store an image with its true label for fine-tuning",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": MULTIPART_FORM},
+        "application/json": {"schema": inline_schema(LabelledImageJSON)}}}},
+    responses={401: {"model": ErrorBody, "description": "DIGITS_FEEDBACK_TOKEN is set and the token is wrong"},
+               413: {"model": ErrorBody, "description": "body or image dimensions over the limit"},
+               415: {"model": ErrorBody, "description": "not a supported image or content type"},
+               422: {"model": ErrorBody, "description": "bad label, corrupt image, bad JSON or base64"},
+               429: {"model": ErrorBody, "description": "rate limit of this client address; see Retry-After"},
+               507: {"model": ErrorBody, "description": "the feedback store is full"}},
 )
-from service.schemas import FeedbackResponse
+async def post_feedback(request: Request, settings: SettingsDep, store: FeedbackStoreDep) -> FeedbackResponse:
+    data, label = await labelled_image(request, settings.max_body_bytes)
+    store.check_room()  # before the costly part: decoding the image
+    pixels = await digit_from_bytes_async(data, settings.max_pixels)
+    sample_id, usage = await asyncio.to_thread(store.add, pixels, label)  # waits on a file lock
+    return FeedbackResponse(stored=sample_id, label=label, feedback_samples=usage.samples)
 
-
-class FeedbackJSON(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: str = Field(..., min_length=1, description="base64 image or data URL")
-    label: int = Field(..., ge=0, le=9, description="the true digit")
-
-
-class FeedbackStore:
-    def __init__(self, registry: Registry) -> None:
-        self.directory = registry.feedback_dir
-
-    def add(self, pixels: np.ndarray, label: int) -> str:
-        sample_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:8]
-        tmp = self.directory / f".{sample_id}.{os.getpid()}.tmp"
-        save_file({"image": torch.from_numpy(np.ascontiguousarray(pixels)),
-                   "label": torch.tensor([label], dtype=torch.int64)}, str(tmp))
-        os.replace(tmp, self.directory / f"{sample_id}.safetensors")
-        return sample_id
-
-    def count(self) -> int:
-        return sum(1 for _ in self.directory.glob("*.safetensors"))
-
-    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
-        for path in sorted(self.directory.glob("*.safetensors")):
-            tensors = load_file(str(path))
-            images.append(tensors["image"].numpy())
-            labels.append(int(tensors["label"][0]))
-        return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(labels, dtype=np.int64)
-
-
-def parse_label(value: object, where: str = "label") -> int:
-    text = str(value).strip()
-    if len(text) != 1 or not text.isdigit():
-        raise ClientError(422, "invalid_label", f"{where} must be a digit 0-9, got {text[:20]!r}")
-    return int(text)
-
-
-def install_feedback_route(app: FastAPI, registry: Registry) -> None:
-    store = FeedbackStore(registry)
-
-    @app.post("/feedback", status_code=201, response_model=FeedbackResponse, tags=["feedback"],
-              summary="Correct a prediction: store an image with its true label for fine-tuning",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "multipart/form-data": {"schema": {
-                      "type": "object", "required": ["file", "label"],
-                      "properties": {"file": {"type": "string", "format": "binary"}, "label": {"type": "integer"}}}},
-                  "application/json": {"schema": FeedbackJSON.model_json_schema()}}}})
-    async def feedback(request: Request) -> FeedbackResponse:
-        settings = request.app.state.settings
-        kind = media_type(request)
-        if kind == "multipart/form-data":
-            form = await read_form(request, settings.max_body_bytes, max_files=4)
-            upload, label_field = form.get("file"), form.get("label")
-            if upload is None or isinstance(upload, str):
-                raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-            if label_field is None:
-                raise ClientError(422, "missing_label", "the multipart body needs a 'label' field (0-9)")
-            label, data = parse_label(label_field), await upload.read()
-        elif kind == "application/json" or kind.endswith("+json"):
-            payload = parse_json(await request.body(), FeedbackJSON)
-            label, data = payload.label, decode_base64(payload.image)
-        else:
-            raise ClientError(415, "unsupported_media_type",
-                              "send multipart/form-data (file, label) or application/json {image, label}")
-        pixels = await digit_from_bytes_async(data, settings.max_pixels)
-        sample_id = store.add(pixels, label)
-        return FeedbackResponse(stored=sample_id, label=label, feedback_samples=store.count())

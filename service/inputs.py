@@ -1,8 +1,7 @@
 """HTTP bodies -> validated 28x28 digits, in the API-server processes.
 
-Everything a client can get wrong is caught here, before the request joins a batch, so a
-bad request gets its own 4xx and never fails its neighbours. Only 784 bytes per request
-cross the queue to the inference worker.
+Everything a client can get wrong is caught here, before the model sees the request, so a
+bad request gets its own 4xx and never fails its neighbours in a batch.
 """
 
 from __future__ import annotations
@@ -10,93 +9,57 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import re
-import time
-from typing import NamedTuple
 
 import numpy as np
-from fastapi import HTTPException, Request
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from PIL import Image
 
 from model.preprocess import ImageProblem, prepare_digit
+from service.bodies import is_json, kind_of, multipart_field, parse_json
+from service.errors import ClientError
 from service.schemas import PredictJSON
 
-# Decoding a big photo takes tens of milliseconds: do it off the event loop. Small images
-# (the common case) are cheaper to decode in place than to hand to a thread.
-INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
+HEAVY_DECODES = 2  # concurrent decodes of bigger images per API server
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-
-
-class ClientError(HTTPException):
-    """A 4xx whose JSON body names the problem: ``{"error": code, "detail": message}``."""
-
-    def __init__(self, status_code: int, code: str, detail: str | list) -> None:
-        super().__init__(status_code=status_code, detail=detail)
-        self.code = code
-
-
-class DigitInput(NamedTuple):
-    """What crosses the queue to the inference worker for one request."""
-
-    pixels: bytes  # uint8 [28,28], white on black
-    request_id: str
-    enqueued_at: float  # time.monotonic(): system-wide on Linux, so comparable across processes
-
-
-def validation_detail(exc: ValidationError) -> list[dict]:
-    return [
-        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
-def parse_json(body: bytes, model: type[BaseModel]) -> BaseModel:
-    if not body:
-        raise ClientError(422, "empty_body", "the request body is empty; send JSON")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        kinds = {err["type"] for err in exc.errors()}
-        code = "malformed_json" if "json_invalid" in kinds else "invalid_fields"
-        raise ClientError(422, code, validation_detail(exc)) from None
+# base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
+# standard or url-safe alphabet (not mixed). Nothing else.
+WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+STANDARD_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+URLSAFE_BASE64 = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 def decode_base64(text: str, field: str = "image") -> bytes:
-    text = DATA_URL.sub("", text.strip(), count=1)
+    """Standard or url-safe base64, with or without padding, whitespace anywhere (a data URL
+    prefix is dropped); 422 naming ``field`` for anything else."""
+    text = WHITESPACE.sub("", DATA_URL.sub("", text.strip(), count=1))
+    if STANDARD_BASE64.match(text):
+        alphabet = None
+    elif URLSAFE_BASE64.match(text):
+        alphabet = b"-_"
+    else:
+        raise ClientError(422, "invalid_base64", f"'{field}' holds characters that are not base64")
+    text = text.rstrip("=")
+    if not text or len(text) % 4 == 1:
+        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64 (empty or truncated)")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
 
 
-async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000):
-    try:
-        return await request.form(
-            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
-        )
-    except MultiPartException as exc:
-        detail = f"the multipart body could not be parsed: {exc.message}"
-        raise ClientError(422, "malformed_multipart", detail) from None
 
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-async def image_bytes_from_request(request: Request, max_bytes: int) -> bytes:
-    """The uploaded image: multipart field ``file`` or JSON ``{"image": base64}``."""
-    kind = media_type(request)
+def image_bytes(content_type: str, body: bytes) -> bytes:
+    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
+    kind = kind_of(content_type)
     if kind == "multipart/form-data":
-        form = await read_form(request, max_bytes, max_files=4)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        data = multipart_field(body, content_type, "file")
+        if data is None:
             raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-        return await upload.read()
-    if kind == "application/json" or kind.endswith("+json"):
-        payload = parse_json(await request.body(), PredictJSON)
-        return decode_base64(payload.image)
+        return data
+    if is_json(kind):
+        return decode_base64(parse_json(body, PredictJSON).image)
     raise ClientError(
         415,
         "unsupported_media_type",
@@ -112,16 +75,32 @@ def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ClientError(exc.status_code, exc.code, exc.message) from None
 
 
+def declared_pixels(data: bytes) -> int:
+    """width * height from the image header alone (0 when unreadable: prepare_digit then
+    names the problem)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return width * height
+
+
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:
-    if len(data) <= INLINE_DECODE_BYTES:
+    """Small images (the common case) are decoded in place: cheaper than a thread hop. Big ones
+    (by pixels, not bytes: a 30 KB PNG can declare 25 Mpx) go to a thread, a few at a time, so
+    they never stall the event loop and cannot pile up."""
+    if declared_pixels(data) <= INLINE_DECODE_PIXELS:
         return digit_from_bytes(data, max_pixels)
-    return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
+    async with heavy_decodes():
+        return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
 
 
-async def read_digit(request: Request) -> DigitInput:
-    """FastAPI dependency of POST /predict: the request's digit, ready to batch."""
-    settings = request.app.state.settings
-    data = await image_bytes_from_request(request, settings.max_body_bytes)
-    pixels = await digit_from_bytes_async(data, settings.max_pixels)
-    request_id = request.scope.get("state", {}).get("request_id", "")
-    return DigitInput(pixels.tobytes(), request_id, time.monotonic())
+_heavy: asyncio.Semaphore | None = None
+
+
+def heavy_decodes() -> asyncio.Semaphore:
+    global _heavy
+    if _heavy is None:
+        _heavy = asyncio.Semaphore(HEAVY_DECODES)
+    return _heavy

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.registry import Registry, atomic_write_bytes
-from service.schemas import FinetuneOptions, JobRecord
-
-FINISHED = ("succeeded", "rejected", "failed")
+from model.atomic import atomic_file, atomic_write_bytes
+from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
+from service.schemas import FinetuneOptions, JobRecord, JobState
 
 
 class JobStore:
@@ -21,25 +18,21 @@ class JobStore:
         self.registry = registry
 
     def _path(self, job_id: str):
-        if not job_id.isalnum():
+        if not RECORD_ID_PATTERN.match(job_id):
             raise KeyError(job_id)
-        return self.registry.jobs_dir / f"{job_id}.json"
-
-    def samples_path(self, job_id: str):
-        return self.registry.samples_dir / f"{job_id}.safetensors"
+        return self.registry.job_path(job_id)
 
     def create(self, images: np.ndarray, labels: np.ndarray, options: FinetuneOptions, source: str) -> JobRecord:
         """Store the samples, then the record: a job is visible only once its samples are complete."""
-        job_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:8]
-        tmp = self.samples_path(job_id).with_suffix(f".{os.getpid()}.tmp")
-        save_file(
-            {"images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-             "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))},
-            str(tmp),
-        )
-        os.replace(tmp, self.samples_path(job_id))
+        job_id = new_record_id()
+        with atomic_file(self.registry.samples_path(job_id)) as tmp:
+            save_file(
+                {"images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+                 "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))},
+                str(tmp),
+            )
         now = time.time()
-        record = JobRecord(job_id=job_id, state="queued", created=now, updated=now, samples=len(labels),
+        record = JobRecord(job_id=job_id, state=JobState.QUEUED, created=now, updated=now, samples=len(labels),
                            source=source, options=options)
         self.save(record)
         return record
@@ -56,7 +49,7 @@ class JobStore:
 
     def all(self) -> list[JobRecord]:
         records = []
-        for path in self.registry.jobs_dir.glob("*.json"):
+        for path in self.registry.job_paths():
             try:
                 records.append(JobRecord.model_validate_json(path.read_text()))
             except (OSError, ValueError):
@@ -64,11 +57,11 @@ class JobStore:
         return sorted(records, key=lambda r: (r.created, r.job_id))
 
     def queued(self) -> list[JobRecord]:
-        return [r for r in self.all() if r.state == "queued"]
+        return [r for r in self.all() if r.state == JobState.QUEUED]
 
     def pending_count(self) -> int:
-        return sum(1 for r in self.all() if r.state in ("queued", "running"))
+        return sum(1 for r in self.all() if r.state in (JobState.QUEUED, JobState.RUNNING))
 
     def load_samples(self, job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = load_file(str(self.samples_path(job_id)))
+        tensors = load_file(str(self.registry.samples_path(job_id)))
         return tensors["images"], tensors["labels"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -11,15 +10,10 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import json_error
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-
-def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
-    body = json.dumps({"error": code, "detail": detail, "request_id": request_id}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return headers, body  # the request-context middleware adds X-Request-ID
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -58,8 +52,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
+            route_path = (scope.get("state", {}).get("route_path") or getattr(scope.get("route"), "path", None)
+                          or "unmatched")
             metrics.http_requests.labels(route_path, scope["method"], str(status_holder[0])).inc()
             metrics.http_latency.labels(route_path).observe(elapsed)
             if self.access_log_enabled:

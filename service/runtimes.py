@@ -1,6 +1,7 @@
 """torch.compile and ONNX Runtime behind one small interface, and the choice between them.
 
 A runtime turns a uint8 batch [n,28,28] (white digit on black) into probabilities [n,10].
+Both run :class:`model.nets.ProbabilityHead`: compiled by torch, or exported to ONNX.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.data import MNIST_MEAN, MNIST_STD
 from model.export import INPUT_NAME, OUTPUT_NAME, ort_session
+from model.nets import ProbabilityHead
 from model.publish import ensure_onnx
 from model.registry import Registry
 
@@ -31,43 +32,29 @@ class Runtime(Protocol):
     def probabilities(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
-class CompileFailure(RuntimeError):
-    pass
-
-
-class ProbabilityHead(nn.Module):
-    """uint8 pixels in, probabilities out: normalization and softmax fuse into the compiled graph."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD
-        return torch.softmax(self.net(x), dim=1)
+def compile_head(net: nn.Module) -> nn.Module:
+    """The compiled serving graph (one place, so a test can make compiling fail)."""
+    return torch.compile(ProbabilityHead(net), dynamic=False)
 
 
 class CompiledTorchRuntime:
-    """torch.compile'd model; batches are padded up to fixed bucket sizes so every graph is reused."""
+    """torch.compile'd model; batches are padded up to fixed bucket sizes so every graph is reused,
+    and batches larger than the largest bucket run in chunks."""
 
     name = "torch-compile"
 
-    def __init__(self, net: nn.Module, version: str, arch: str, device: str, buckets: list[int],
-                 fail_compile: bool = False) -> None:
+    def __init__(self, net: nn.Module, version: str, arch: str, device: str, buckets: list[int]) -> None:
         self.version, self.arch, self.device, self.buckets = version, arch, torch.device(device), sorted(buckets)
         self.net = net.to(self.device).eval()
-        self.compiled = torch.compile(ProbabilityHead(self.net), dynamic=False)
-        self.fail_compile = fail_compile
+        self.compiled = compile_head(self.net)
 
     def _bucket(self, n: int) -> int:
-        for size in self.buckets:
-            if size >= n:
-                return size
-        raise ValueError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+        return next(size for size in self.buckets if size >= n)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        if self.fail_compile:
-            raise CompileFailure("torch.compile disabled by DIGITS_TEST_FAIL_COMPILE (test setting)")
+        largest = self.buckets[-1]
+        if len(pixels) > largest:
+            return np.concatenate([self.probabilities(pixels[i : i + largest]) for i in range(0, len(pixels), largest)])
         n = len(pixels)
         padded = np.zeros((self._bucket(n), 28, 28), dtype=np.uint8)
         padded[:n] = pixels
@@ -92,18 +79,34 @@ class CompiledTorchRuntime:
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, version: str, arch: str, threads: int | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(self, path: Path, version: str, arch: str, threads: int, device: str = "cpu") -> None:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         self.session = ort_session(path, providers=providers, threads=threads)
         self.version, self.arch = version, arch
-        self.providers = self.session.get_providers()
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        x = (pixels.astype(np.float32)[:, None] / 255.0 - MNIST_MEAN) / MNIST_STD
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32, copy=False)})[0]
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What building a runtime needs besides the registry and the version."""
+
+    device: str  # "cpu" or "cuda:N"
+    threads: int  # intra-op threads
+    buckets: tuple[int, ...]  # compiled batch sizes
+    data_dir: Path | None = None  # MNIST, for the parity check of a re-export
+
+
+def build_runtime(kind: str, registry: Registry, version: str, options: RuntimeOptions) -> Runtime:
+    """The one way a runtime is made: ``kind`` is ``torch`` (compiled, not yet warmed) or ``onnx``
+    (a missing, corrupt or outdated model.onnx is re-exported first)."""
+    manifest = registry.get(version)
+    if kind == "onnx":
+        path = ensure_onnx(registry, version, options.data_dir)
+        return OnnxRuntime(path, version, manifest.arch, options.threads, options.device)
+    model, _ = registry.load_model(version)
+    return CompiledTorchRuntime(model, version, manifest.arch, options.device, list(options.buckets))
 
 
 def time_runtime(runtime: Runtime, pixels: np.ndarray, runs: int, warmup: int = 1) -> float:
@@ -118,58 +121,48 @@ def time_runtime(runtime: Runtime, pixels: np.ndarray, runs: int, warmup: int = 
     return float(np.median(samples))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Choice:
     runtime: Runtime
     reason: str  # for people: logs and /ready
     code: str  # for /metrics: configured | measured | cuda | fallback
 
 
-def open_onnx(
-    registry: Registry, version: str, threads: int, device: str, data_dir: Path | None = None
-) -> OnnxRuntime:
-    """ONNX Runtime session for a version; a missing or corrupt model.onnx is re-exported."""
-    manifest = registry.get(version)
-    path = ensure_onnx(registry, version, data_dir)
-    return OnnxRuntime(path, version, manifest.arch, threads=threads, device=device)
+def fallback_to_onnx(registry: Registry, version: str, options: RuntimeOptions, why: str) -> Choice:
+    log.exception("torch.compile failed (%s); falling back to ONNX Runtime", why)
+    return Choice(build_runtime("onnx", registry, version, options), f"torch.compile failed ({why}); fallback",
+                  "fallback")
 
 
-def choose_runtime(
-    registry: Registry, version: str, mode: str, device: str, buckets: list[int], threads: int,
-    measure_runs: int = 20, fail_compile: bool = False, data_dir: Path | None = None,
-) -> Choice:
+def choose_runtime(registry: Registry, version: str, mode: str, options: RuntimeOptions,
+                   measure_runs: int = 20) -> Choice:
     """Build and warm the runtime for ``mode`` (auto | torch | onnx); explain the choice.
 
     auto: CUDA -> torch.compile. CPU -> whichever of torch.compile and ONNX Runtime measured
     faster at warm-up. Whenever compiling fails, ONNX Runtime serves instead.
     """
     if mode == "onnx":
-        return Choice(open_onnx(registry, version, threads, device, data_dir), "DIGITS_RUNTIME=onnx", "configured")
-    model, manifest = registry.load_model(version)
+        return Choice(build_runtime("onnx", registry, version, options), "DIGITS_RUNTIME=onnx", "configured")
+    largest = options.buckets[-1]
     try:
-        compiled = CompiledTorchRuntime(model, version, manifest.arch, device, buckets, fail_compile)
-        largest = buckets[-1]
+        compiled = build_runtime("torch", registry, version, options)
         compiled.warm_up([largest])
     except Exception as exc:
-        log.exception("torch.compile failed; falling back to ONNX Runtime")
-        return Choice(open_onnx(registry, version, threads, device, data_dir),
-                      f"torch.compile failed ({exc}); fallback", "fallback")
-    if mode == "auto" and not device.startswith("cuda"):
-        onnx_runtime = open_onnx(registry, version, threads, device, data_dir)
+        return fallback_to_onnx(registry, version, options, str(exc))
+    if mode == "auto" and not options.device.startswith("cuda"):
+        onnx_runtime = build_runtime("onnx", registry, version, options)
         timings = {
             rt.name: sum(time_runtime(rt, np.zeros((n, 28, 28), np.uint8), measure_runs) for n in (1, largest))
             for rt in (compiled, onnx_runtime)
         }
         figures = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
-        if timings[OnnxRuntime.name] < timings[CompiledTorchRuntime.name]:
-            return Choice(onnx_runtime, f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured")
         reason, code = f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured"
+        if timings[OnnxRuntime.name] < timings[CompiledTorchRuntime.name]:
+            return Choice(onnx_runtime, reason, code)
     else:
         reason, code = ("auto on CUDA", "cuda") if mode == "auto" else ("DIGITS_RUNTIME=torch", "configured")
     try:
-        compiled.warm_up([b for b in buckets if b != largest])
+        compiled.warm_up([b for b in options.buckets if b != largest])
     except Exception as exc:
-        log.exception("torch.compile failed during warm-up; falling back to ONNX Runtime")
-        return Choice(open_onnx(registry, version, threads, device, data_dir),
-                      f"torch.compile failed ({exc}); fallback", "fallback")
+        return fallback_to_onnx(registry, version, options, f"during warm-up: {exc}")
     return Choice(compiled, reason, code)

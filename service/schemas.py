@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.finetune import FinetuneOptions
+from service.labels import Label
 
 
 class PredictJSON(BaseModel):
@@ -24,6 +26,9 @@ class PredictResponse(BaseModel):
     model_version: str
     runtime: str = Field(..., description="torch-compile or onnxruntime")
     request_id: str
+    input_png: str | None = Field(
+        None, description="with ?explain=true: base64 PNG of the 28x28 digit the model was given (white on black)"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -38,30 +43,40 @@ class FeedbackResponse(BaseModel):
     feedback_samples: int = Field(..., description="feedback samples collected so far")
 
 
-class FinetuneSampleJSON(BaseModel):
+class LabelledImageJSON(BaseModel):
+    """An image with its true digit: the JSON body of POST /feedback, one sample of a fine-tune."""
+
     model_config = ConfigDict(extra="forbid")
-    image: str = Field(..., min_length=1, description="base64 image or data URL")
-    label: int = Field(..., ge=0, le=9)
+    image: str = Field(..., min_length=1, description="base64 (standard or url-safe) image or data URL")
+    label: Label
 
 
 class FinetuneJSON(FinetuneOptions):
     """JSON body of POST /admin/finetune: inline samples, or ``source: feedback``."""
 
-    samples: list[FinetuneSampleJSON] | None = None
+    samples: list[LabelledImageJSON] | None = None
     source: Literal["upload", "feedback"] = "upload"
 
 
 class JobAccepted(BaseModel):
     job_id: str
     status_url: str
-    state: str
+    state: JobState
     queued_behind: int = Field(..., description="jobs ahead of this one")
     message: str
 
 
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # a new version was published and activated
+    REJECTED = "rejected"  # trained, but the gate kept the live model
+    FAILED = "failed"
+
+
 class JobRecord(BaseModel):
     job_id: str
-    state: Literal["queued", "running", "succeeded", "rejected", "failed"]
+    state: JobState
     created: float
     updated: float
     samples: int
@@ -88,3 +103,22 @@ class ModelEntry(BaseModel):
 class ActivateResponse(BaseModel):
     active: str
     previous: str | None
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined, for an OpenAPI ``requestBody`` written
+    by hand (a ``#/$defs/...`` reference would not resolve there)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)

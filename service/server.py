@@ -1,197 +1,125 @@
-"""Builds the LitServer: the predict API, our transport, extra routes and middlewares."""
+"""Builds the LitServer: where the model runs, the routes, the middlewares, the supervisor."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
-import os
-import signal
-import threading
-from importlib import resources
-from pathlib import Path
+from collections.abc import AsyncIterator
 
-import litserve as ls
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import metrics
+from model.registry import Registry
+from service import admin, feedback, ops, predict, readiness
+from service import litserve_adapter as adapter
+from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.predict import PredictAPI, readiness_dir
-from service.schemas import ErrorBody, PredictJSON, PredictResponse
+from service.model_slot import ModelSlot
+from service.placement import Placement, runtime_options
+from service.predict import PredictEndpoint
+from service.predictor import InProcessPredictor, WorkerPredictor
 from service.settings import Settings
-from service.transport import GreedyBatchQueue, PipeQueueTransport, new_queue
+from service.trainer import start_trainer
+from service.worker import PredictAPI
 
 log = logging.getLogger("digits.server")
 
-STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    500: "internal_error", 503: "unavailable", 504: "timeout",
-}
+ROLE_OF = {"inference worker": "worker", "API server": "api"}
 
 
-class DigitServer(ls.LitServer):
-    """LitServer with a pipe-backed transport and a start that does not wait for warm-up."""
+class PredictShortcut:
+    """POST /predict goes straight to its endpoint; everything else through FastAPI."""
 
-    greedy_batching = False
+    def __init__(self, app: FastAPI) -> None:
+        self.app, self.predict = app, PredictEndpoint(app)
 
-    def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
-        for api_path in self.litapi_request_queues:
-            self.litapi_request_queues[api_path] = GreedyBatchQueue() if self.greedy_batching else new_queue()
-        self._transport = PipeQueueTransport([new_queue() for _ in range(num_api_servers)])
-        return manager
-
-    def verify_worker_status(self) -> None:
-        """Open the port at once: /health answers and /ready says 503 while workers warm up.
-        A worker whose setup fails exits, and the monitor below then shuts the server down."""
-
-    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
-        """Replaces LitServe's monitor, which polls the manager until it crashes at shutdown.
-        A dead inference worker stops the whole server through the same path as SIGTERM:
-        never a half-working server."""
-        self._stopping = threading.Event()
-
-        def monitor() -> None:
-            while not self._stopping.wait(1.0):
-                dead = [p for p in self.inference_workers if not p.is_alive()]
-                if dead:
-                    log.error("inference worker %s exited (code %s); stopping the server",
-                              dead[0].pid, dead[0].exitcode)
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-
-        threading.Thread(target=monitor, name="digits-worker-monitor", daemon=True).start()
-
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
-        stopping = getattr(self, "_stopping", None)
-        if stopping is not None:
-            stopping.set()
-        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == predict.PATH and scope["method"] == "POST":
+            await self.predict(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
-def error_response(status: int, code: str, detail, request: Request) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get("request_id")
-    body = ErrorBody(error=code, detail=detail, request_id=request_id).model_dump()
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+def edge(settings: Settings):
+    """What uvicorn runs in every API server: request ids, metrics and access log, the body
+    limit, then the /predict shortcut or the FastAPI app."""
+
+    def wrap(app: FastAPI) -> ASGIApp:
+        limited = BodyLimitMiddleware(PredictShortcut(app), max_bytes=settings.max_body_bytes,
+                                      admin_max_bytes=settings.finetune_max_body_bytes)
+        return RequestContextMiddleware(limited, access_log_enabled=settings.access_log)
+
+    return wrap
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, exc.detail, request)
+def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: Placement):
+    """In every API server: the predictor the routes call, made after the fork."""
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return error_response(422, "invalid_request", detail, request)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        index = adapter.process_index()
+        if placement.where == "api":
+            def announce(serving) -> None:
+                readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
+                                runtime=serving.runtime.name, runtime_reason=placement.reason)
 
+            slot = await asyncio.to_thread(
+                ModelSlot, Registry(settings.registry), "onnx", runtime_options(settings, "cpu", in_api_server=True),
+                on_change=announce)
+            announce(slot.serving)
+            slot.start_watching()
+            app.state.predictor = InProcessPredictor(slot)
+            try:
+                yield
+            finally:
+                slot.stop_watching()
+        else:
+            predictor = WorkerPredictor(server, settings.run_dir)
+            app.state.predictor = predictor
+            watcher = asyncio.create_task(predictor.watch_workers(), name="digits-worker-watch")
+            try:
+                yield
+            finally:
+                watcher.cancel()
 
-def read_readiness(settings: Settings) -> list[dict]:
-    directory = Path(readiness_dir(settings))
-    workers = []
-    for path in sorted(directory.glob("worker-*.json")) if directory.is_dir() else []:
-        try:
-            workers.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # being replaced right now; the next poll sees it
-    return workers
-
-
-def install_demo_page(app: FastAPI) -> None:
-    """A drawing pad at / that calls /predict and /feedback (replaces LitServe's plain-text index)."""
-    page = (resources.files("service") / "static" / "index.html").read_text()
-    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def demo() -> HTMLResponse:
-        return HTMLResponse(page)
-
-
-def install_operational_routes(app: FastAPI, settings: Settings, expected_workers: int) -> None:
-    @app.get("/health", tags=["operations"], summary="Liveness: the HTTP server answers")
-    async def health() -> dict:
-        return {"status": "alive"}
-
-    @app.get("/ready", tags=["operations"], summary="Readiness: every worker has loaded and warmed the model")
-    async def ready() -> JSONResponse:
-        workers = read_readiness(settings)
-        body = {"ready": len(workers) >= expected_workers, "workers_ready": len(workers),
-                "workers_expected": expected_workers, "workers": workers}
-        if workers:
-            body.update(model_version=workers[0]["model_version"], runtime=workers[0]["runtime"],
-                        runtime_reason=workers[0]["runtime_reason"])
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
-
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of all processes")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+    return lifespan
 
 
-def document_predict_route(app: FastAPI) -> None:
-    """LitServe registers /predict with a dependency that reads the raw body; describe the
-    body it accepts so /docs shows both forms."""
-    for route in app.routes:
-        if getattr(route, "path", None) == "/predict":
-            route.summary = "Classify a handwritten digit"
-            route.description = (
-                "Send an image (PNG, JPEG, BMP, GIF, WebP, TIFF; photo, scan, canvas drawing or MNIST "
-                "sample) as multipart field `file`, or as JSON `{\"image\": \"<base64 or data URL>\"}`."
-            )
-            route.openapi_extra = {
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}
-                        },
-                        "application/json": {"schema": PredictJSON.model_json_schema()},
-                    },
-                }
-            }
-            route.responses = {
-                413: {"model": ErrorBody, "description": "body or image dimensions over the limit"},
-                415: {"model": ErrorBody, "description": "not a supported image or content type"},
-                422: {"model": ErrorBody, "description": "corrupt image, no ink, bad JSON or base64"},
-            }
-            route.response_model = PredictResponse
-
-
-def build_server(settings: Settings) -> DigitServer:
+def build_server(settings: Settings, placement: Placement, lit_api_class: type[PredictAPI] = PredictAPI,
+                 ) -> adapter.DigitServer:
+    """``lit_api_class``: tests pass a subclass to inject faults into the inference workers."""
     if settings.run_dir is None:
         raise ValueError("settings.run_dir must be set (the entry point makes one)")
-    os.makedirs(readiness_dir(settings), exist_ok=True)
-    api = PredictAPI(settings)
-    server = DigitServer(
-        api,
-        accelerator="cuda" if settings.device == "cuda" else ("cpu" if settings.device == "cpu" else "auto"),
-        workers_per_device=settings.workers,
+    readiness.clear(settings.run_dir)
+    in_worker = placement.where == "worker"
+
+    def on_death(kind: str, index: int) -> None:
+        if kind in ROLE_OF:
+            readiness.remove(settings.run_dir, ROLE_OF[kind], index)
+
+    server = adapter.DigitServer(
+        lit_api_class(settings, holds_model=in_worker),
+        greedy_batching=settings.batching == "greedy",
+        on_death=on_death,
+        extra_processes={"trainer": lambda: start_trainer(settings)} if settings.trainer_enabled else None,
+        accelerator="cuda" if placement.device == "cuda" else "cpu",
+        workers_per_device=settings.workers if in_worker else 1,
         timeout=settings.request_timeout,
-        healthcheck_path="/litserve/health",
-        info_path="/litserve/info",
+        edge=edge(settings),
     )
-    server.greedy_batching = settings.batching == "greedy"
     app = server.app
     app.title = "digit-service"
     app.description = "Handwritten-digit classification, fine-tunable while it serves."
     app.state.settings = settings
-    expected_workers = len(server._inference_workers_config_for_api(api.api_path))
+    app.state.model_holders = ([("worker", i) for i in range(server.worker_count())] if in_worker
+                               else [("api", i) for i in range(settings.api_servers)])
+    adapter.add_lifespan(app, model_lifespan(server, settings, placement))
     install_error_handlers(app)
-    install_operational_routes(app, settings, expected_workers)
-    install_demo_page(app)
-    document_predict_route(app)
-    from service.admin import install_admin_routes
-
-    install_admin_routes(app, settings)
-    # add_middleware wraps: the last added runs first, so request ids exist before the body check.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       admin_max_bytes=settings.finetune_max_body_bytes)
-    app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)
+    app.include_router(ops.router)
+    app.router.routes.append(Route(predict.PATH, PredictEndpoint(app), methods=["POST"]))  # 405 for others
+    predict.document(app)
+    app.include_router(feedback.router)
+    app.include_router(admin.router)
     return server
-

@@ -33,12 +33,18 @@ class Settings(BaseSettings):
     batching: Literal["window", "greedy"] = Field(
         "window", description="window: wait batch_timeout for a batch to fill; greedy: take what queued while busy"
     )
-    workers: int = Field(1, ge=1, le=16, description="inference worker processes per device")
+    inference: Literal["auto", "api", "worker"] = Field(
+        "auto", description="where the model runs: api (ONNX Runtime in every API server, CPU), worker (LitServe "
+        "inference workers batch requests from all API servers), auto: api on CPU unless DIGITS_RUNTIME=torch, "
+        "worker on CUDA"
+    )
+    workers: int = Field(1, ge=1, le=16, description="inference worker processes per device (inference=worker)")
     api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
     worker_threads: int | None = Field(
         None, ge=1, le=256,
-        description="intra-op threads per inference worker (torch and ONNX Runtime); default: the CPUs this "
-        "process may use minus one per API server, at least 1 (measured: on 2 cores, 2 threads halve throughput)",
+        description="intra-op threads per model (torch and ONNX Runtime); default: 1 per API server with "
+        "inference=api, else the CPUs this process may use minus one per API server, at least 1 (measured: on 2 "
+        "cores, 2 threads halve throughput)",
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
@@ -61,8 +67,16 @@ class Settings(BaseSettings):
     run_dir: Path | None = Field(None, description="scratch dir for metrics and readiness; default: a temp dir")
     warmup_measure_runs: int = Field(20, ge=1, description="timed runs per runtime when runtime=auto")
 
-    # test-only: make torch.compile fail so the ONNX fallback is exercised
-    test_fail_compile: bool = Field(False, description="test only: simulate a torch.compile failure")
+    # feedback (POST /feedback): bounded, rate-limited, optionally behind a token
+    feedback_max_samples: int = Field(
+        10_000, ge=1, description="stored feedback samples; beyond it /feedback answers 507 until emptied"
+    )
+    feedback_max_bytes: int = Field(32 * MiB, ge=1024, description="bytes of stored feedback (507 above)")
+    feedback_rate: float = Field(
+        1.0, gt=0, le=10_000, description="feedback posts per second per client address (token bucket refill)"
+    )
+    feedback_burst: int = Field(20, ge=1, le=10_000, description="feedback posts a client may send at once")
+    feedback_token: SecretStr | None = Field(None, description="bearer token /feedback requires; unset: open")
 
     @model_validator(mode="after")
     def _token_from_file(self) -> Settings:
@@ -75,8 +89,12 @@ class Settings(BaseSettings):
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
 
+    def feedback_token_value(self) -> str | None:
+        return self.feedback_token.get_secret_value() if self.feedback_token else None
+
     def inference_threads(self) -> int:
-        """Threads for the model: the CPUs we may use (affinity/cgroup aware), minus the API servers'."""
+        """Threads for an inference worker's model: the CPUs we may use (affinity/cgroup aware),
+        minus the API servers'."""
         if self.worker_threads:
             return self.worker_threads
         return max(1, len(os.sched_getaffinity(0)) - self.api_servers * self.workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 from functools import cache
@@ -23,7 +24,7 @@ from model.registry import Registry
 from model.train import EpochStats
 from service import metrics
 from service.jobs import JobStore
-from service.schemas import JobRecord
+from service.schemas import JobRecord, JobState
 from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
@@ -37,8 +38,8 @@ def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mark_interrupted(store: JobStore) -> None:
     for record in store.all():
-        if record.state == "running":
-            record.state = "failed"
+        if record.state == JobState.RUNNING:
+            record.state = JobState.FAILED
             record.message = "interrupted: the trainer stopped (crash or restart) while this job ran; resubmit it"
             store.save(record)
             log.warning("marked interrupted job %s as failed", record.job_id, extra={"job_id": record.job_id})
@@ -46,7 +47,7 @@ def mark_interrupted(store: JobStore) -> None:
 
 def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Settings,
             stop: threading.Event) -> JobRecord:
-    record.state = "running"
+    record.state = JobState.RUNNING
     record.parent_version = registry.active_version()
     record.message = "training"
     store.save(record)
@@ -73,14 +74,15 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                 data_hash=manifest.data_hash,
                 hyperparameters=record.options.model_dump(),
             )
-            record.state, record.produced_version = "succeeded", published.version
+            record.state, record.produced_version = JobState.SUCCEEDED, published.version
         else:
-            record.state = "rejected"
+            record.state = JobState.REJECTED
     except InterruptedError:
-        record.state, record.message = "failed", "interrupted: the server shut down while this job ran; resubmit it"
+        record.state = JobState.FAILED
+        record.message = "interrupted: the server shut down while this job ran; resubmit it"
     except Exception as exc:
         log.exception("job %s failed", record.job_id, extra={"job_id": record.job_id})
-        record.state, record.message = "failed", f"{type(exc).__name__}: {exc}"
+        record.state, record.message = JobState.FAILED, f"{type(exc).__name__}: {exc}"
     store.save(record)
     metrics.finetune_jobs.labels(record.state).inc()
     log.info("job %s %s: %s", record.job_id, record.state, record.message, extra={"job_id": record.job_id})
@@ -97,7 +99,7 @@ def trainer_loop(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     registry = Registry(settings.registry)
     store = JobStore(registry)
-    lock = FileLock(str(registry.root / ".trainer.lock"))
+    lock = FileLock(str(registry.trainer_lock_path))
     while not stop.is_set():
         try:
             lock.acquire(timeout=POLL_SECONDS)
@@ -108,7 +110,7 @@ def trainer_loop(settings: Settings) -> None:
         return
     try:
         mark_interrupted(store)
-        log.info("trainer ready (threads=%d)", settings.trainer_threads)
+        log.info("trainer ready (threads=%d)", settings.trainer_threads, extra={"pid": os.getpid()})
         while not stop.is_set():
             queued = store.queued()
             if queued:
@@ -119,25 +121,9 @@ def trainer_loop(settings: Settings) -> None:
         lock.release()
 
 
-class TrainerProcess:
-    def __init__(self, settings: Settings) -> None:
-        self.process = mp.get_context("spawn").Process(
-            target=trainer_loop, args=(settings,), name="digits-trainer", daemon=False
-        )
-
-    def start(self) -> TrainerProcess:
-        self.process.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
-            self.process.terminate()  # SIGTERM: the running job stops at its next step
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2)
-
-
-def start_trainer(settings: Settings) -> TrainerProcess:
-    return TrainerProcess(settings).start()
-
+def start_trainer(settings: Settings) -> mp.Process:
+    """The trainer as a child process (spawned: it imports torch afresh). It stops its job at the
+    next step on SIGTERM; the server's supervisor replaces it if it dies."""
+    process = mp.get_context("spawn").Process(target=trainer_loop, args=(settings,), name="digits-trainer")
+    process.start()
+    return process

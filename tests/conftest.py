@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +19,7 @@ import pytest
 import requests
 import torch
 
+from loadtest.serverctl import ServerProcess, private_registry, settings_env
 from model import data
 from model.preprocess import encode_png
 from model.registry import Registry
@@ -60,27 +55,14 @@ def base_registry() -> Registry:
 
 
 def copy_registry(source: Registry, target: Path) -> Registry:
-    """A private registry holding only the source's active version, as v0001 (whatever its
-    number in the source), so tests see the same versions on every machine."""
-    version = source.active_version()
-    assert version is not None
-    registry = Registry(target)
-    shutil.copytree(source.version_dir(version), registry.version_dir("v0001"))
-    manifest = source.get(version).model_copy(update={"version": "v0001", "parent": None, "job_id": None})
-    (registry.version_dir("v0001") / "manifest.json").write_text(manifest.model_dump_json(indent=2))
-    (registry.root / "ACTIVE").write_text("v0001\n")
-    return registry
+    """A private registry holding the source's base model as v0001, so tests see the same
+    versions on every machine, whatever is active in the developer's registry."""
+    return Registry(private_registry(source.root, target))
 
 
 @pytest.fixture
 def registry_copy(base_registry: Registry, tmp_path: Path) -> Registry:
     return copy_registry(base_registry, tmp_path / "registry")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_of(pixels: torch.Tensor | np.ndarray) -> bytes:
@@ -95,91 +77,23 @@ def zip_of(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass
-class ServerProcess:
-    """A real `python -m service` in its own process group; stopped (group and all) on exit."""
-
-    registry: Path
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
-        env = {
-            **os.environ,
-            "DIGITS_PORT": str(self.port),
-            "DIGITS_REGISTRY": str(self.registry),
-            "DIGITS_DATA_DIR": str(DATA_DIR),
-            "DIGITS_RUNTIME": "onnx",
-            "DIGITS_API_SERVERS": "1",
-            "DIGITS_LOG_LEVEL": "info",
-            **self.env,
-        }
-        self.log_path = log_dir / f"server-{self.port}.log"
-        log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if wait_ready:
-            self.wait_ready(wait_ready)
-        return self
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
-        """Signal the main process; if anything of the group is left, kill the group."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
-
-    def kill_group(self) -> None:
-        """Simulate a crash: SIGKILL every process of the server at once."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+def service_process(registry: Path, command: list[str] | None = None, **settings: object) -> ServerProcess:
+    """A `python -m service` (or ``command``) on ``registry`` with the tests' defaults: ONNX Runtime,
+    one API server."""
+    env = settings_env(registry=Path(registry), data_dir=DATA_DIR, runtime="onnx", api_servers=1, log_level="info")
+    env.update(settings_env(**settings))
+    return ServerProcess(env=env, command=command) if command else ServerProcess(env=env)
 
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
+    """start_server(registry, wait_ready=180, command=None, **settings) -> a running ServerProcess,
+    stopped (with all its processes) after the test."""
     started: list[ServerProcess] = []
 
-    def start(registry: Path, wait_ready: float = 180.0, **env: str) -> ServerProcess:
-        server = ServerProcess(Path(registry), env={f"DIGITS_{k.upper()}": str(v) for k, v in env.items()})
+    def start(registry: Path, wait_ready: float = 180.0, command: list[str] | None = None,
+              **settings: object) -> ServerProcess:
+        server = service_process(registry, command, **settings)
         started.append(server)
         return server.start(tmp_path, wait_ready)
 

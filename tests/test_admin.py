@@ -7,7 +7,6 @@ import base64
 import io
 import tarfile
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import ServerProcess, copy_registry, png_of, post_png, wait_until, zip_of
+from loadtest.serverctl import ServerProcess
+from tests.conftest import copy_registry, png_of, post_png, service_process, wait_until, zip_of
 
 TOKEN = "test-admin-token-5f1c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,7 +31,7 @@ def rotated(images: torch.Tensor) -> torch.Tensor:
 def admin_server(base_registry, tmp_path_factory) -> ServerProcess:
     root = tmp_path_factory.mktemp("admin")
     registry = copy_registry(base_registry, root / "registry")
-    server = ServerProcess(registry.root, env={"DIGITS_ADMIN_TOKEN": TOKEN, "DIGITS_API_SERVERS": "2"})
+    server = service_process(registry.root, admin_token=TOKEN, api_servers=2)
     server.start(root)
     yield server
     server.stop()
@@ -199,7 +199,9 @@ def test_domain_shift_finetune_under_load_hot_swaps_without_a_failed_request(
         accepted = response.json()
         assert accepted["status_url"] == f"/admin/jobs/{accepted['job_id']}"
         record = job_done(admin_server, accepted["job_id"])
-        time.sleep(2.5)  # every worker serves the new version within 2 s of promotion
+        # every worker serves the new version within 2 s of promotion: the load sees only it
+        assert wait_until(lambda: len(outcomes) > 20 and {v for _, v in outcomes[-20:]} == {"v0002"}, 10.0,
+                          interval=0.05), (record, outcomes[-20:])
     finally:
         stop.set()
         for thread in threads:
@@ -244,6 +246,7 @@ def test_rollback_and_roll_forward(admin_server: ServerProcess, mnist_test) -> N
 
 def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist_test) -> None:
     active_before = requests.get(f"{admin_server.url}/ready", timeout=10).json()["model_version"]
+    models_before = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
     rng = np.random.default_rng(0)
     images, _ = mnist_test
     samples = [{"image": base64.b64encode(png_of(images[i])).decode(), "label": int(rng.integers(0, 10))}
@@ -255,11 +258,13 @@ def test_gated_rejection_keeps_the_live_model(admin_server: ServerProcess, mnist
     assert record["state"] == "rejected", record
     assert "rejected" in record["message"] and record["produced_version"] is None
     assert record["metrics_after"]["mnist_test_accuracy"] is not None
-    time.sleep(1)
+    # nothing was published or activated: the same versions, the same one active and served
+    models_after = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
+    assert models_after == models_before and record["job_id"] not in [m["job_id"] for m in models_after]
     assert requests.get(f"{admin_server.url}/ready", timeout=10).json()["model_version"] == active_before
-    versions = [m["version"] for m in requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()]
-    assert record["job_id"] not in str(versions)
-    assert len(requests.get(f"{admin_server.url}/admin/jobs", headers=AUTH, timeout=10).json()) >= 1
+    assert post_png(admin_server.url, png_of(images[0])).json()["model_version"] == active_before
+    jobs = requests.get(f"{admin_server.url}/admin/jobs", headers=AUTH, timeout=10).json()
+    assert record["job_id"] in [job["job_id"] for job in jobs]
 
 
 def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) -> None:
@@ -279,7 +284,13 @@ def test_feedback_is_stored_and_trains(admin_server: ServerProcess, mnist_test) 
     assert response.status_code == 202
     record = requests.get(f"{admin_server.url}{response.json()['status_url']}", headers=AUTH, timeout=10).json()
     assert record["samples"] == 4 and record["source"] == "feedback"
-    assert job_done(admin_server, record["job_id"])["state"] in ("succeeded", "rejected")
+    record = job_done(admin_server, record["job_id"])
+    assert record["state"] == "succeeded", record  # four correct labels: the gate lets it through
+    produced = record["produced_version"]
+    models = requests.get(f"{admin_server.url}/admin/models", headers=AUTH, timeout=10).json()
+    assert [m["job_id"] for m in models if m["version"] == produced and m["active"]] == [record["job_id"]]
+    assert wait_until(lambda: post_png(admin_server.url, png_of(images[0])).json()["model_version"] == produced,
+                      2.0, interval=0.05)
 
 
 def test_restart_marks_the_interrupted_job_failed_and_keeps_the_queue(start_server, registry_copy,
@@ -300,5 +311,5 @@ def test_restart_marks_the_interrupted_job_failed_and_keeps_the_queue(start_serv
     record = job_done(restarted, long_job["job_id"], timeout=60)
     assert record["state"] == "failed" and "interrupted" in record["message"]
     assert job_done(restarted, short_job["job_id"])["state"] in ("succeeded", "rejected")
-    unknown = requests.get(f"{restarted.url}/admin/jobs/nosuchjob", headers=AUTH, timeout=10)
+    unknown = requests.get(f"{restarted.url}/admin/jobs/20260101120000a1b2c3d4", headers=AUTH, timeout=10)
     assert unknown.status_code == 404

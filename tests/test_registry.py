@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.atomic import atomic_file, atomic_write_bytes
 from model.nets import build
 from model.registry import Registry, RegistryError
 
@@ -89,3 +90,35 @@ def test_publisher_killed_at_any_instant_leaves_the_previous_state(tmp_path: Pat
     after = registry.publish(build("simplenet"), "simplenet")  # the lock was released by the kernel
     assert after.version == "v0002"
     assert list(registry.staging_dir.iterdir()) == []  # leftovers of the killed publishers are gone
+
+
+def test_opening_the_registry_clears_a_dead_publishers_staging_but_not_a_live_ones(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    leftover = Registry(root).staging_dir / "v0007.4242"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half-written")
+    publishing = Registry(root)  # opened at start, with no publisher running: the leftover goes
+    assert list(publishing.staging_dir.iterdir()) == []
+    leftover.mkdir()
+    with publishing.lock:  # a publisher at work: its staging directory stays
+        assert list(Registry(root).staging_dir.iterdir()) == [leftover]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "record.json"
+    atomic_write_bytes(target, b"first")
+    with pytest.raises(OSError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError("disk gone")
+    assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"second" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_an_over_long_version_id_is_refused_not_looked_up(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "reg")
+    for version in ("v" + "1" * 300, "v١٢٣٤"):
+        assert not registry.exists(version)
+        with pytest.raises(RegistryError, match="not a version id"):
+            registry.get(version)

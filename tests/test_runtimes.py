@@ -9,10 +9,12 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from model.data import normalize
-from service.runtimes import CompiledTorchRuntime, OnnxRuntime
+from model.publish import ensure_onnx
+from service.runtimes import CompiledTorchRuntime, OnnxRuntime, RuntimeOptions, choose_runtime
 
 
 def eager_probabilities(model, pixels: np.ndarray) -> np.ndarray:
+    """Written out here on purpose: an independent check of the serving contract."""
     with torch.no_grad():
         return torch.softmax(model(normalize(torch.from_numpy(pixels))), 1).numpy()
 
@@ -27,8 +29,8 @@ def test_compiled_runtime_reuses_bucket_graphs_and_swaps_weights_without_recompi
     runtime.warm_up()
     compiled_after_warmup = counters["stats"]["unique_graphs"]
     assert compiled_after_warmup >= 3
-    pixels = mnist_test[0][:4].numpy()
-    for n in (1, 2, 3, 4, 3, 1):  # 3 pads to bucket 4
+    pixels = mnist_test[0][:9].numpy()
+    for n in (1, 2, 3, 4, 3, 1, 9):  # 3 pads to bucket 4; 9 runs as 4 + 4 + 1
         got = runtime.probabilities(pixels[:n])
         assert got.shape == (n, 10)
         np.testing.assert_allclose(got, eager_probabilities(eager, pixels[:n]), atol=1e-5)
@@ -42,17 +44,17 @@ def test_compiled_runtime_reuses_bucket_graphs_and_swaps_weights_without_recompi
     assert counters["stats"]["unique_graphs"] == compiled_after_warmup
 
 
-def test_onnx_runtime_matches_eager_torch(base_registry, mnist_test) -> None:
-    model, manifest = base_registry.load_model()
-    runtime = OnnxRuntime(base_registry.onnx_path(manifest.version), manifest.version, manifest.arch, threads=1)
+def test_onnx_runtime_matches_eager_torch(registry_copy, data_dir, mnist_test) -> None:
+    model, manifest = registry_copy.load_model()
+    path = ensure_onnx(registry_copy, manifest.version, data_dir)
+    runtime = OnnxRuntime(path, manifest.version, manifest.arch, threads=1)
     pixels = mnist_test[0][:64].numpy()
     np.testing.assert_allclose(runtime.probabilities(pixels), eager_probabilities(model, pixels), atol=1e-5)
 
 
 def test_auto_on_cpu_measures_both_and_explains_the_choice(registry_copy) -> None:
-    from service.runtimes import choose_runtime
-
-    choice = choose_runtime(registry_copy, "v0001", "auto", "cpu", [1, 2], threads=1, measure_runs=3)
+    options = RuntimeOptions(device="cpu", threads=1, buckets=(1, 2))
+    choice = choose_runtime(registry_copy, "v0001", "auto", options, measure_runs=3)
     assert choice.code == "measured"
     assert "torch-compile" in choice.reason and "onnxruntime" in choice.reason and " ms" in choice.reason
     assert choice.runtime.name in ("torch-compile", "onnxruntime")

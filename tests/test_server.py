@@ -6,8 +6,8 @@ import base64
 import re
 import signal
 import struct
+import sys
 import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,14 +16,30 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, copy_registry, png_of, post_png, still_running
+from loadtest.serverctl import ServerProcess
+from tests.conftest import copy_registry, png_of, post_png, service_process, still_running, wait_until
+from tests.faults import poison_png
 
 
 @pytest.fixture(scope="module")
 def server(base_registry, tmp_path_factory) -> ServerProcess:
+    """The default placement on CPU: ONNX Runtime inside each of two API servers."""
     root = tmp_path_factory.mktemp("server")
     registry = copy_registry(base_registry, root / "registry")
-    proc = ServerProcess(registry.root, env={"DIGITS_API_SERVERS": "2", "DIGITS_MAX_BODY_BYTES": str(5 * 1024 * 1024)})
+    proc = service_process(registry.root, runtime="auto", api_servers=2, max_body_bytes=5 * 1024 * 1024,
+                           trainer_enabled="false")
+    proc.start(root)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_server(base_registry, tmp_path_factory) -> ServerProcess:
+    """Requests batched in a LitServe inference worker whose model fails on "poison" digits."""
+    root = tmp_path_factory.mktemp("worker-server")
+    registry = copy_registry(base_registry, root / "registry")
+    proc = service_process(registry.root, command=[sys.executable, "-m", "tests.faults", "poison"],
+                           inference="worker", batch_timeout=0.02, trainer_enabled="false")
     proc.start(root)
     yield proc
     proc.stop()
@@ -43,6 +59,21 @@ def test_200_mnist_test_pngs_are_classified(server: ServerProcess, mnist_test) -
     assert first["confidence"] == max(first["probabilities"])
     assert first["model_version"] == "v0001" and first["runtime"] == "onnxruntime"
     assert responses[0].headers["x-request-id"] == first["request_id"]
+
+
+def test_explain_returns_the_digit_the_model_saw(server: ServerProcess, mnist_test) -> None:
+    import io
+
+    from PIL import Image
+
+    image = mnist_test[0][3].numpy()
+    body = post_png(server.url, png_of(image), params={"explain": "true"}).json()
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["input_png"]))))
+    assert seen.shape == (28, 28) and seen.dtype == np.uint8
+    assert np.abs(seen.astype(int) - image.astype(int)).mean() < 40  # an MNIST digit stays itself
+    assert "input_png" not in post_png(server.url, png_of(image)).json()
+    bad = post_png(server.url, png_of(image), params={"explain": "maybe"})
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_query"
 
 
 def test_json_base64_and_data_url(server: ServerProcess, mnist_test) -> None:
@@ -66,59 +97,61 @@ def huge_png_header() -> bytes:
             + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat)))
 
 
+def chunks_of(data: bytes, size: int = 65536):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
 NOISE_PNG = png_of(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
-BAD_REQUESTS = {
-    "text_bytes_as_file": (dict(files={"file": ("x.png", b"this is not an image", "image/png")}), {415}),
-    "corrupt_png": (dict(files={"file": ("x.png", NOISE_PNG[: len(NOISE_PNG) // 2], "image/png")}), {415, 422}),
-    "blank_image": (dict(files={"file": ("x.png", png_of(np.zeros((28, 28), np.uint8)), "image/png")}), {422}),
+BAD_REQUESTS = {  # case -> (request, status, error code)
+    "text_bytes_as_file": (dict(files={"file": ("x.png", b"this is not an image", "image/png")}), 415,
+                           "unsupported_image_type"),
+    "truncated_png": (dict(files={"file": ("x.png", NOISE_PNG[: len(NOISE_PNG) // 2], "image/png")}), 422,
+                      "corrupt_image"),
+    "blank_image": (dict(files={"file": ("x.png", png_of(np.zeros((28, 28), np.uint8)), "image/png")}), 422,
+                    "no_ink"),
     "body_over_limit": (dict(data=b"0" * (5 * 1024 * 1024 + 10), headers={"Content-Type": "application/json"}),
-                        {413}),
-    "decompression_bomb": (dict(files={"file": ("bomb.png", huge_png_header(), "image/png")}), {413, 422}),
-    "missing_file_field": (dict(files={"other": ("x.png", b"abc", "image/png")}), {422}),
-    "missing_json_field": (dict(json={"picture": "abc"}), {422}),
-    "malformed_json": (dict(data=b'{"image": ', headers={"Content-Type": "application/json"}), {422}),
-    "bad_base64": (dict(json={"image": "!!!not base64!!!"}), {422}),
-    "unsupported_content_type": (dict(data=b"hello", headers={"Content-Type": "text/plain"}), {415}),
-    "no_content_type": (dict(data=b"hello"), {415}),
+                        413, "payload_too_large"),
+    "chunked_body_over_limit": (dict(data=chunks_of(b"0" * (5 * 1024 * 1024 + 10)),
+                                     headers={"Content-Type": "application/json"}), 413, "payload_too_large"),
+    "decompression_bomb": (dict(files={"file": ("bomb.png", huge_png_header(), "image/png")}), 413,
+                           "image_too_large"),
+    "missing_file_field": (dict(files={"other": ("x.png", b"abc", "image/png")}), 422, "missing_file"),
+    "missing_json_field": (dict(json={"picture": "abc"}), 422, "invalid_fields"),
+    "malformed_json": (dict(data=b'{"image": ', headers={"Content-Type": "application/json"}), 422,
+                       "malformed_json"),
+    "bad_base64": (dict(json={"image": "!!!not base64!!!"}), 422, "invalid_base64"),
+    "multipart_without_boundary": (dict(data=b"x", headers={"Content-Type": "multipart/form-data"}), 422,
+                                   "malformed_multipart"),
+    "unsupported_content_type": (dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415,
+                                 "unsupported_media_type"),
+    "no_content_type": (dict(data=b"hello"), 415, "unsupported_media_type"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_input_gets_a_clear_4xx_json(server: ServerProcess, case: str) -> None:
-    kwargs, statuses = BAD_REQUESTS[case]
+    kwargs, status, code = BAD_REQUESTS[case]
     response = requests.post(f"{server.url}/predict", timeout=30, **kwargs)
-    assert response.status_code in statuses, (response.status_code, response.text)
+    assert response.status_code == status, (response.status_code, response.text)
     body = response.json()
-    assert body["error"] and body["detail"] and body["request_id"] == response.headers["x-request-id"]
+    assert body["error"] == code and body["detail"] and body["request_id"] == response.headers["x-request-id"]
 
 
-def test_bad_request_never_fails_its_batch_neighbours(server: ServerProcess, mnist_test) -> None:
-    images, labels = mnist_test
-    for _round in range(3):
-        barrier = threading.Barrier(8)
-
-        def send(i: int, barrier: threading.Barrier = barrier) -> requests.Response:
-            barrier.wait()
-            if i == 3:
-                return requests.post(f"{server.url}/predict", files={"file": ("g.png", b"\x89PNG garbage")}, timeout=30)
-            return post_png(server.url, png_of(images[i]))
-
-        with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(send, range(8)))
-        assert 400 <= responses[3].status_code < 500
-        for i, response in enumerate(responses):
-            if i != 3:
-                assert response.status_code == 200 and response.json()["digit"] == int(labels[i])
+def test_wrong_method_gets_405_json(server: ServerProcess) -> None:
+    response = requests.get(f"{server.url}/predict", timeout=5)
+    assert response.status_code == 405 and response.json()["error"] == "method_not_allowed"
 
 
 def test_health_ready_docs(server: ServerProcess) -> None:
     assert requests.get(f"{server.url}/health", timeout=5).json() == {"status": "alive"}
     ready = requests.get(f"{server.url}/ready", timeout=5).json()
     assert ready["ready"] and ready["model_version"] == "v0001" and ready["runtime"] == "onnxruntime"
+    assert sorted((h["role"], h["index"]) for h in ready["holders"]) == [("api", 0), ("api", 1)]
     spec = requests.get(f"{server.url}/openapi.json", timeout=5).json()
     predict = spec["paths"]["/predict"]["post"]
     assert {"multipart/form-data", "application/json"} <= set(predict["requestBody"]["content"])
-    assert "PredictResponse" in str(predict["responses"]["200"])
+    assert "PredictResponse" in str(predict["responses"]["200"]) and "PredictResponse" in spec["components"]["schemas"]
     assert requests.get(f"{server.url}/docs", timeout=5).status_code == 200
 
 
@@ -146,29 +179,49 @@ def test_metrics_add_up_across_processes(server: ServerProcess, mnist_test) -> N
 
     assert delta("digits_http_requests_total", route="/predict", status="200") == n
     assert delta("digits_http_requests_total", route="/predict", status="415") == 1
-    assert delta("digits_batch_size_sum") == n  # every accepted request went through one batch
-    assert delta("digits_batch_size_count") <= n
-    assert delta("digits_queue_wait_seconds_count") == n
+    assert delta("digits_batch_size_sum") == n  # in the API servers: one image per model call
     assert delta("digits_http_request_duration_seconds_count", route="/predict") == n + 1
     assert metric(after, "digits_model_info", version="v0001", runtime="onnxruntime") == 1
     assert metric(after, "digits_runtime_info", runtime="onnxruntime", reason="configured") == 1
 
 
-def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, tmp_path: Path,
-                                                               mnist_test) -> None:
-    registry = copy_registry(base_registry, tmp_path / "registry")
-    server = ServerProcess(registry.root).start(tmp_path, wait_ready=0)
-    try:
-        statuses = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and 200 not in statuses:
-            try:
-                statuses.append(requests.get(f"{server.url}/ready", timeout=2).status_code)
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        assert statuses[0] == 503 and statuses[-1] == 200, statuses[:3]
+def test_a_bad_item_in_a_batch_fails_only_its_own_request(worker_server: ServerProcess, mnist_test) -> None:
+    """The poison digit passes validation and reaches the worker inside a batch; the model fails
+    on it, and only its request fails."""
+    images, labels = mnist_test
+    before = requests.get(f"{worker_server.url}/metrics", timeout=5).text
+    for _round in range(3):
+        barrier = threading.Barrier(8)
 
+        def send(i: int, barrier: threading.Barrier = barrier) -> requests.Response:
+            barrier.wait()
+            return post_png(worker_server.url, poison_png() if i == 3 else png_of(images[i]))
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(send, range(8)))
+        assert responses[3].status_code == 500 and responses[3].json()["error"] == "inference_failed"
+        for i, response in enumerate(responses):
+            if i != 3:
+                assert response.status_code == 200 and response.json()["digit"] == int(labels[i])
+    after = requests.get(f"{worker_server.url}/metrics", timeout=5).text
+    batches = metric(after, "digits_batch_size_count") - metric(before, "digits_batch_size_count")
+    assert batches < 24 + 3 * 8  # requests did share batches (each failed batch is retried item by item)
+    assert metric(after, "digits_queue_wait_seconds_count") - metric(before, "digits_queue_wait_seconds_count") == 24
+
+
+def test_ready_is_503_until_the_worker_is_warm_and_sigterm_drains(base_registry, tmp_path: Path,
+                                                                 mnist_test) -> None:
+    registry = copy_registry(base_registry, tmp_path / "registry")
+    run_dir = tmp_path / "run"
+    server = service_process(registry.root, inference="worker", run_dir=run_dir)
+    try:
+        for attempt in range(2):  # the second start reuses DIGITS_RUN_DIR: old readiness must not count
+            server.start(tmp_path, wait_ready=0)
+            first = wait_until(lambda: _ready_status(server), 60, interval=0.02)
+            assert first == 503, first
+            server.wait_ready(120)
+            if attempt == 0:
+                server.stop()
         descendants = server.descendants()
         assert len(descendants) >= 3  # API server, inference worker, trainer (+ helpers)
         results: list[int | str] = []
@@ -182,7 +235,7 @@ def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
         for thread in threads:
             thread.start()
-        time.sleep(0.05)
+        wait_until(lambda: len(results) >= 4, 30, interval=0.005)
         server.process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(60)
@@ -196,9 +249,16 @@ def test_ready_is_503_until_warm_and_sigterm_stops_every_process(base_registry, 
         server.stop()
 
 
+def _ready_status(server: ServerProcess) -> int | None:
+    try:
+        return requests.get(f"{server.url}/ready", timeout=2).status_code
+    except requests.ConnectionError:
+        return None
+
+
 def test_sigint_also_stops_every_process(base_registry, tmp_path: Path) -> None:
     registry = copy_registry(base_registry, tmp_path / "registry")
-    server = ServerProcess(registry.root).start(tmp_path)
+    server = service_process(registry.root).start(tmp_path)
     try:
         descendants = server.descendants()
         server.process.send_signal(signal.SIGINT)
@@ -208,17 +268,26 @@ def test_sigint_also_stops_every_process(base_registry, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_greedy_batching_answers_lone_and_concurrent_requests(start_server, registry_copy, mnist_test) -> None:
-    """DIGITS_BATCHING=greedy: no batching window; a batch is whatever queued while the worker was busy."""
+def test_greedy_batching_and_batch_size_one_in_the_worker(start_server, registry_copy, mnist_test) -> None:
+    """DIGITS_BATCHING=greedy: no batching window; a batch is whatever queued while the worker was
+    busy. DIGITS_MAX_BATCH_SIZE=1: LitServe's loop without batch/unbatch."""
     images, labels = mnist_test
-    server = start_server(registry_copy.root, batching="greedy", trainer_enabled="false")
-    lone = post_png(server.url, png_of(images[0]))
-    assert lone.status_code == 200 and lone.json()["digit"] == int(labels[0])
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: post_png(server.url, png_of(images[i])), range(64)))
-    assert [r.json()["digit"] for r in responses] == [int(label) for label in labels[:64]]
-    text = requests.get(f"{server.url}/metrics", timeout=5).text
+    greedy = start_server(registry_copy.root, inference="worker", batching="greedy", trainer_enabled="false")
+    single = start_server(registry_copy.root, inference="worker", max_batch_size=1, trainer_enabled="false")
+    for server in (greedy, single):
+        lone = post_png(server.url, png_of(images[0]))
+        assert lone.status_code == 200 and lone.json()["digit"] == int(labels[0])
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda i, s=server: post_png(s.url, png_of(images[i])), range(64)))
+        assert [r.json()["digit"] for r in responses] == [int(label) for label in labels[:64]]
+    text = requests.get(f"{greedy.url}/metrics", timeout=5).text
     assert metric(text, "digits_batch_size_sum") == 65
     assert metric(text, "digits_batch_size_count") < 65  # some requests did share a batch
-    time.sleep(2.5)  # idle past the queue's one-second wait: the worker still answers afterwards
-    assert post_png(server.url, png_of(images[1])).json()["digit"] == int(labels[1])
+    assert metric(requests.get(f"{single.url}/metrics", timeout=5).text, "digits_batch_size_count") == 65
+
+
+def test_a_request_left_waiting_past_the_timeout_gets_504(start_server, registry_copy, mnist_test) -> None:
+    server = start_server(registry_copy.root, inference="worker", batching="greedy", request_timeout=1e-6,
+                          trainer_enabled="false")
+    response = post_png(server.url, png_of(mnist_test[0][0]))
+    assert response.status_code == 504 and response.json()["error"] == "timeout"

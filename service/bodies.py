@@ -1,0 +1,105 @@
+"""Request bodies: multipart or JSON, decided once by Content-Type, every mistake a 4xx JSON."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException
+
+from service.errors import ClientError, validation_detail
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def kind_of(content_type: str) -> str:
+    """``multipart/form-data; boundary=x`` -> ``multipart/form-data``."""
+    return content_type.split(";")[0].strip().lower()
+
+
+def media_type(request: Request) -> str:
+    return kind_of(request.headers.get("content-type", ""))
+
+
+def is_json(kind: str) -> bool:
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def parse_json(body: bytes, model: type[Model]) -> Model:
+    if not body:
+        raise ClientError(422, "empty_body", "the request body is empty; send JSON")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        kinds = {err["type"] for err in exc.errors()}
+        code = "malformed_json" if "json_invalid" in kinds else "invalid_fields"
+        raise ClientError(422, code, validation_detail(exc.errors(include_input=False))) from None
+
+
+async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000) -> FormData:
+    try:
+        return await request.form(
+            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
+        )
+    except MultiPartException as exc:
+        detail = f"the multipart body could not be parsed: {exc.message}"
+        raise ClientError(422, "malformed_multipart", detail) from None
+
+
+async def read_body(request: Request, model: type[Model], *, max_part_bytes: int, max_files: int,
+                    expected: str) -> FormData | Model:
+    """The body as multipart ``FormData`` or as ``model`` parsed from JSON (``*/*+json`` too);
+    415 for any other Content-Type, with ``expected`` (what to send instead) in the detail."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        return await read_form(request, max_part_bytes, max_files)
+    if is_json(kind):
+        return parse_json(await request.body(), model)
+    raise ClientError(415, "unsupported_media_type",
+                      f"Content-Type {kind or '(none)'} is not supported; send {expected}")
+
+
+def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
+    """The bytes of one field of an in-memory multipart body (python-multipart's low-level
+    parser: no temporary files, no UploadFile objects); None when the field is absent."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ClientError(422, "malformed_multipart", "the multipart Content-Type has no boundary")
+    found: dict[str, bytes] = {}
+    chunks: list[bytes] = []
+    header_name: list[bytes] = []
+    header_value: list[bytes] = []
+    current: list[str | None] = [None]
+
+    def on_header_end() -> None:
+        if b"".join(header_name).lower() == b"content-disposition":
+            _, options = parse_options_header(b"".join(header_value))
+            name = options.get(b"name")
+            current[0] = name.decode("latin-1") if name is not None else None
+        header_name.clear()
+        header_value.clear()
+
+    def on_part_end() -> None:
+        if current[0] is not None and current[0] not in found:
+            found[current[0]] = b"".join(chunks)
+        chunks.clear()
+        current[0] = None
+
+    parser = MultipartParser(boundary, {
+        "on_part_data": lambda data, start, end: chunks.append(data[start:end]),
+        "on_part_end": on_part_end,
+        "on_header_field": lambda data, start, end: header_name.append(data[start:end]),
+        "on_header_value": lambda data, start, end: header_value.append(data[start:end]),
+        "on_header_end": on_header_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+    return found.get(field)

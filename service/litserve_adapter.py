@@ -1,0 +1,350 @@
+"""Every touch of LitServe's insides, in one module, for exactly the pinned LitServe version.
+
+What we rely on (each has a contract test in tests/test_litserve_contract.py):
+
+* ``LitServer._init_manager`` builds the request and response queues: we replace them with
+  pipe-backed queues (LitServe's manager queues cost a round trip through the manager process
+  per put and get, and its ZMQ option is silently ignored in 0.2.19, upstream #751). There is
+  one request queue per inference worker, so each queue has one reader and a dead reader's
+  lock can be released safely when it is replaced.
+* ``LitServer._start_server`` forks one uvicorn server per API server with a shared socket; we
+  keep its arguments to restart a dead API server the same way.
+* ``LitServer._start_worker_monitoring`` and ``_perform_graceful_shutdown``: our supervisor
+  replaces LitServe's monitor (which answers a dead worker's requests only in the main
+  process, where no request waits, upstream behaviour in 0.2.19).
+* ``run`` waits on ``_shutdown_event`` and catches ``KeyboardInterrupt`` to shut down
+  gracefully: SIGTERM and SIGINT in the main process raise it (:func:`interrupt_on_signals`).
+* Requests are ``(response_queue_id, uid, enqueued_at, payload)`` tuples on the request queue;
+  responses arrive in ``LitServer.response_buffer[uid]`` (``ResponseBufferItem``), filled by the
+  task LitServe's lifespan starts; with ``restart_workers=True`` a worker first reports which
+  request it took (``LitAPIStatus.START`` with its worker id).
+* With ``max_batch_size == 1`` LitServe's loop skips ``batch`` and ``unbatch``.
+* ``LITSERVE_WORKER_ID`` holds the index of the API server (in API servers) and of the worker
+  (in inference workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import multiprocessing as mp
+import multiprocessing.queues
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from queue import Empty
+from typing import Any
+
+import litserve as ls
+import uvicorn
+from fastapi import FastAPI
+from litserve.server import _Server
+from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+PINNED_VERSION = "0.2.19"
+if ls.__version__ != PINNED_VERSION:
+    raise ImportError(
+        f"digit-service adapts LitServe {PINNED_VERSION}'s internals (service/litserve_adapter.py) but "
+        f"LitServe {ls.__version__} is installed: pin litserve=={PINNED_VERSION} or port the adapter"
+    )
+
+log = logging.getLogger("digits.supervisor")
+
+# Queues must come from the spawn context: LitServe spawns inference workers, and semaphores made
+# in a fork context are unlinked at once, so a spawned child could not open them.
+SPAWN = mp.get_context("spawn")
+CRASH_LOOP_DEATHS = 5  # more deaths than this of one kind of process ...
+CRASH_LOOP_WINDOW = 60.0  # ... within this many seconds stop the server
+SUPERVISE_SECONDS = 0.2
+
+
+def process_index() -> int:
+    """This API server's or inference worker's index (0 in the main process)."""
+    return int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+
+
+# ---------------------------------------------------------------------------------- queues
+
+
+class GreedyBatchQueue(mp.queues.Queue):
+    """A worker's request queue for greedy batching: a batch is whatever waited while the worker
+    was busy, so an idle worker answers a lone request at once and a busy one batches.
+
+    LitServe (batch_timeout=0) drains the queue with ``get_nowait`` until it is empty and would
+    spin when there is nothing; here the first call of each drain waits (without CPU) for up to a
+    second until a request arrives, and later calls never wait.
+    """
+
+    IDLE_WAIT = 1.0
+    _drain_started = False  # per process; not part of the pickled state
+
+    def __init__(self) -> None:
+        super().__init__(ctx=SPAWN)
+
+    def get_nowait(self) -> Any:
+        if not self._drain_started:
+            item = self.get(timeout=self.IDLE_WAIT)  # Empty after a second: LitServe simply asks again
+            self._drain_started = True
+            return item
+        try:
+            return super().get_nowait()
+        except Empty:
+            self._drain_started = False
+            raise
+
+
+def release_if_held_by_the_dead(lock: Any, wait: float = 0.2) -> None:
+    """A process killed inside ``Queue.get``/``put`` leaves the queue's lock taken for ever. Once
+    nobody alive can hold it for longer than ``wait`` (locks are held for microseconds, or by the
+    dead), a lock we cannot take is released."""
+    if lock is None:
+        return
+    if lock.acquire(timeout=wait):
+        lock.release()
+        return
+    with contextlib.suppress(ValueError):
+        lock.release()
+
+
+class PipeQueueTransport(MessageTransport):
+    """Responses: one pipe-backed queue per API server, read in that server's event loop when
+    the pipe's descriptor becomes readable (no thread hop per message)."""
+
+    def __init__(self, queues: list[mp.Queue]) -> None:
+        self.queues = queues
+        self._inbox: asyncio.Queue | None = None
+        self._closed = False
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        self.queues[consumer_id].put(item)
+
+    def _attach(self, consumer_id: int) -> asyncio.Queue:
+        inbox: asyncio.Queue = asyncio.Queue()
+        source = self.queues[consumer_id]
+
+        def drain() -> None:
+            while True:
+                try:
+                    inbox.put_nowait(source.get_nowait())
+                except Empty:
+                    return
+
+        asyncio.get_running_loop().add_reader(source._reader.fileno(), drain)
+        self._inbox = inbox
+        return inbox
+
+    async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True) -> Any:
+        if self._closed:
+            raise asyncio.CancelledError("transport closed")
+        return await (self._inbox or self._attach(consumer_id)).get()
+
+    def close(self, send_sentinel: bool = True) -> None:
+        self._closed = True
+        if send_sentinel:
+            for queue in self.queues:
+                with contextlib.suppress(Exception):
+                    queue.put(None)
+
+    def __reduce__(self):
+        return PipeQueueTransport, (self.queues,)
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+class DigitServer(ls.LitServer):
+    """LitServer with our queues, a start that does not wait for warm-up (``/ready`` tells), and
+    a supervisor that replaces dead processes."""
+
+    def __init__(self, lit_api: ls.LitAPI, *, greedy_batching: bool, on_death: Callable[[str, int], None],
+                 edge: Callable[[FastAPI], Any], extra_processes: dict[str, Callable[[], Any]] | None = None,
+                 **kwargs: Any) -> None:
+        """``edge(app)`` wraps the app that uvicorn runs in each API server (our outermost ASGI layers)."""
+        super().__init__(lit_api, restart_workers=True, healthcheck_path="/litserve/health",
+                         info_path="/litserve/info", **kwargs)
+        self.edge = edge
+        self.greedy_batching = greedy_batching
+        self.on_death = on_death
+        self.extra_starters = extra_processes or {}
+        self.extra_processes: dict[str, Any] = {}
+        self.worker_queues: list[mp.Queue] = []
+        self._stopping = threading.Event()
+        self._deaths: dict[str, deque[float]] = {}
+        remove_routes(self.app, {"/", lit_api.api_path, "/litserve/health", "/litserve/info"})
+
+    def worker_count(self) -> int:
+        return len(self._inference_workers_config_for_api(self.lit_api.api_path))
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        make = GreedyBatchQueue if self.greedy_batching else (lambda: SPAWN.Queue())
+        self.worker_queues = [make() for _ in range(self.worker_count())]
+        self._transport = PipeQueueTransport([SPAWN.Queue() for _ in range(num_api_servers)])
+        return manager
+
+    def _get_request_queue(self, api_path: str):
+        """LitServe hands a worker "the" request queue as it launches it: the one of the worker
+        being launched (see launch_worker)."""
+        return self.worker_queues[self._launching]
+
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        return [self.launch_worker(index) for index in range(self.worker_count())]
+
+    def launch_worker(self, index: int):
+        self._launching = index
+        return self.launch_single_inference_worker(self.lit_api, index)
+
+    def verify_worker_status(self) -> None:
+        """Open the port at once: /health answers and /ready says 503 while the models warm up."""
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
+        self._api_server_args = (port, log_level, sockets, kwargs)
+        self.api_servers = {index: self.start_api_server(index) for index in range(num_uvicorn_servers)}
+        return self.api_servers
+
+    def start_api_server(self, index: int) -> mp.Process:
+        """One uvicorn server process, forked with the shared socket (as LitServe's _start_server)."""
+        port, log_level, sockets, kwargs = self._api_server_args
+        self.app.response_queue_id = index
+        app: FastAPI = copy.copy(self.app)
+        self._prepare_app_run(app)
+        config = uvicorn.Config(app=self.edge(app), host="0.0.0.0", port=port, log_level=log_level,
+                                timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)
+        process = mp.get_context("fork").Process(
+            target=_Server(config=config).run, args=(index, sockets), name=f"LitServer-{index}"
+        )
+        process.start()
+        return process
+
+    def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
+        self.extra_processes = {name: start() for name, start in self.extra_starters.items()}
+        threading.Thread(target=self._supervise, name="digits-supervisor", daemon=True).start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(SUPERVISE_SECONDS):
+            try:
+                for index, process in enumerate(self.inference_workers):
+                    if not process.is_alive():
+                        self._replace("inference worker", index, process, lambda i=index: self._restart_worker(i))
+                for index, process in list(self.api_servers.items()):
+                    if not process.is_alive() and not self._stopping.is_set():
+                        self._replace("API server", index, process,
+                                      lambda i=index: self.api_servers.__setitem__(i, self.start_api_server(i)))
+                for name, process in list(self.extra_processes.items()):
+                    if not process.is_alive() and not self._stopping.is_set():
+                        self._replace(name, 0, process,
+                                      lambda n=name: self.extra_processes.__setitem__(n, self.extra_starters[n]()))
+            except Exception:
+                log.exception("the supervisor failed; retrying")
+
+    def _replace(self, kind: str, index: int, process: Any, restart: Callable[[], None]) -> None:
+        if self._stopping.is_set():
+            return
+        code = process.exitcode
+        log.error("%s %d (pid %s) died with exit code %s; replacing it", kind, index, process.pid, code)
+        self.on_death(kind, index)
+        deaths = self._deaths.setdefault(kind, deque())
+        now = time.monotonic()
+        deaths.append(now)
+        while deaths and now - deaths[0] > CRASH_LOOP_WINDOW:
+            deaths.popleft()
+        if len(deaths) > CRASH_LOOP_DEATHS:
+            log.critical("%s crash loop: %d deaths within %.0f s; stopping the server", kind, len(deaths),
+                         CRASH_LOOP_WINDOW)
+            self._stopping.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        restart()
+
+    def _restart_worker(self, index: int) -> None:
+        queue = self.worker_queues[index]
+        release_if_held_by_the_dead(queue._rlock)  # the dead worker was most likely waiting in get()
+        for response_queue in self._transport.queues:
+            release_if_held_by_the_dead(response_queue._wlock)
+        self.inference_workers[index] = self.launch_worker(index)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal") -> None:
+        self._stopping.set()
+        super()._perform_graceful_shutdown(manager, self.api_servers, shutdown_reason)
+
+
+# ---------------------------------------------------------------------------------- app
+
+
+def remove_routes(app: FastAPI, paths: set[str]) -> None:
+    """Drop routes LitServe registered that we replace (its plain-text index, its LitAPI route
+    that serves the internal queue payloads, its own health/info)."""
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
+
+
+def add_lifespan(app: FastAPI, inner: Callable[[FastAPI], contextlib.AbstractAsyncContextManager]) -> None:
+    """Run ``inner`` inside LitServe's lifespan (which starts the response reader) in every API server."""
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def combined(application: FastAPI) -> AsyncIterator[None]:
+        async with outer(application), inner(application):
+            yield
+
+    app.router.lifespan_context = combined
+
+
+class WorkerGone(RuntimeError):
+    """The inference worker holding a request died before answering it."""
+
+
+async def submit(server: DigitServer, worker: int, payload: Any) -> tuple[Any, LitAPIStatus]:
+    """Queue one payload for inference worker ``worker`` and wait for its (response, status)."""
+    uid = uuid.uuid4().hex
+    item = ResponseBufferItem(event=asyncio.Event())
+    server.response_buffer[uid] = item
+    try:
+        server.worker_queues[worker].put((server.app.response_queue_id, uid, time.monotonic(), payload))
+        await item.event.wait()
+        if item.response is None:
+            raise WorkerGone(f"inference worker {item.worker_id} died while holding this request")
+        return item.response[0], item.response[1]
+    finally:
+        server.response_buffer.pop(uid, None)
+
+
+def fail_requests_held_by(server: DigitServer, worker: int) -> int:
+    """Answer (with WorkerGone) every waiting request that worker ``worker`` had taken."""
+    failed = 0
+    for item in list(server.response_buffer.values()):
+        if item.worker_id == worker and not item.event.is_set():
+            item.response = None
+            item.event.set()
+            failed += 1
+    return failed
+
+
+def is_error(status: LitAPIStatus) -> bool:
+    return status == LitAPIStatus.ERROR
+
+
+def interrupt_on_signals(main_pid: int) -> None:
+    """SIGTERM and SIGINT in the main process raise KeyboardInterrupt, which LitServe's ``run``
+    turns into its graceful shutdown (uvicorn drains, then the workers stop). Forked API servers
+    inherit the handler; there uvicorn has shut down already when it re-raises, so it does nothing."""
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+
+def ignore_signals() -> None:
+    """While shutting down: a second SIGTERM or Ctrl+C must not interrupt the cleanup."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

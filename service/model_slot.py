@@ -1,0 +1,141 @@
+"""The one model a process serves, and how it changes: hot swaps and the ONNX fallback.
+
+A process (an API server on CPU, an inference worker otherwise) holds one :class:`Serving`
+state, replaced whole under a lock: a prediction always sees one runtime, version and reason.
+A watcher thread polls the registry's ACTIVE pointer (one stat call) and swaps in newly
+activated versions between predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from model.registry import Registry
+from service import metrics
+from service.runtimes import Choice, CompiledTorchRuntime, Runtime, RuntimeOptions, build_runtime, choose_runtime
+
+log = logging.getLogger("digits.model")
+SWAP_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class Serving:
+    runtime: Runtime
+    reason: str  # for people: logs and /ready
+    code: str  # for /metrics: configured | measured | cuda | fallback
+
+    @property
+    def version(self) -> str:
+        return self.runtime.version
+
+
+class ModelSlot:
+    def __init__(self, registry: Registry, mode: str, options: RuntimeOptions, measure_runs: int = 20,
+                 on_change: Callable[[Serving], None] | None = None) -> None:
+        self.registry, self.mode, self.options = registry, mode, options
+        self.on_change = on_change or (lambda serving: None)
+        self.lock = threading.Lock()
+        self.marker = registry.active_marker()
+        version = registry.active_version()
+        if version is None:
+            raise RuntimeError(f"registry {registry.root} has no active version; run `make train` first")
+        choice: Choice = choose_runtime(registry, version, mode, options, measure_runs)
+        self.serving = Serving(choice.runtime, choice.reason, choice.code)
+        metrics.set_model_info(version, self.serving.runtime.name)
+        metrics.set_runtime_info(self.serving.runtime.name, self.serving.code)
+        log.info("serving %s on %s with %s (%s)", version, options.device, self.serving.runtime.name,
+                 self.serving.reason)
+        self._stop = threading.Event()
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, Serving]:
+        """Probabilities for uint8 [n,28,28], and the state that computed them."""
+        with self.lock:
+            serving = self.serving
+            started = time.perf_counter()
+            try:
+                probabilities = serving.runtime.probabilities(pixels)
+            except Exception as exc:
+                if not isinstance(serving.runtime, CompiledTorchRuntime):
+                    raise
+                log.exception("the compiled model failed; switching to ONNX Runtime")
+                serving = self._fall_back(f"torch.compile failed while serving ({exc}); fallback")
+                probabilities = serving.runtime.probabilities(pixels)
+            metrics.batch_size.observe(len(pixels))
+            metrics.inference_latency.labels(serving.runtime.name).observe(time.perf_counter() - started)
+            return probabilities, serving
+
+    def _fall_back(self, reason: str) -> Serving:
+        """Called with the lock held."""
+        previous = self.serving
+        runtime = build_runtime("onnx", self.registry, previous.version, self.options)
+        self.serving = Serving(runtime, reason, "fallback")
+        metrics.runtime_fallbacks.inc()
+        metrics.set_runtime_info(runtime.name, "fallback", (previous.runtime.name, previous.code))
+        metrics.set_model_info(runtime.version, runtime.name, (previous.version, previous.runtime.name))
+        self.on_change(self.serving)
+        return self.serving
+
+    # ------------------------------------------------------------ hot swap
+
+    def start_watching(self) -> None:
+        threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(SWAP_POLL_SECONDS):
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("could not swap to the newly activated version; retrying")
+
+    def refresh(self) -> bool:
+        """Swap to the registry's active version if it changed; True when a swap happened. A
+        failure leaves the marker unchanged, so the next poll tries again."""
+        marker = self.registry.active_marker()
+        if marker == self.marker:
+            return False
+        version = self.registry.active_version()
+        with self.lock:
+            current = self.serving
+        if version is None or version == current.version:
+            self.marker = marker
+            return False
+        started = time.perf_counter()
+        swapped = self._swap(current, version)
+        if swapped is None:
+            return False  # the state changed meanwhile (a fallback): the next poll starts over
+        self.marker = marker
+        metrics.model_swaps.labels(swapped.runtime.name).inc()
+        metrics.set_model_info(version, swapped.runtime.name, (current.version, current.runtime.name))
+        self.on_change(swapped)
+        log.info("swapped %s -> %s (%s) in %.3f s", current.version, version, swapped.runtime.name,
+                 time.perf_counter() - started)
+        return True
+
+    def _swap(self, current: Serving, version: str) -> Serving | None:
+        runtime = current.runtime
+        if isinstance(runtime, CompiledTorchRuntime) and self.registry.get(version).arch == runtime.arch:
+            state_dict = self.registry.load_state_dict(version)
+            with self.lock:
+                if self.serving is not current:
+                    return None
+                runtime.load_weights(state_dict, version)  # same compiled graph, new weights
+                self.serving = replace(current)  # a new state object: the same runtime at its new version
+                return self.serving
+        kind = "torch" if isinstance(runtime, CompiledTorchRuntime) else "onnx"
+        replacement = build_runtime(kind, self.registry, version, self.options)
+        if isinstance(replacement, CompiledTorchRuntime):
+            replacement.warm_up()
+        with self.lock:
+            if self.serving is not current:
+                return None
+            self.serving = Serving(replacement, current.reason, current.code)
+            return self.serving

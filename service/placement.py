@@ -1,0 +1,55 @@
+"""Where the model runs, decided once at start from the settings and the machine.
+
+* ``api``: ONNX Runtime inside every API server, one thread each (CPU). On a CPU with one
+  thread, a batch of 16 costs as much as 16 single images, so the hop to another process and
+  the batching window would only add latency and CPU.
+* ``worker``: LitServe's inference workers batch requests from all API servers (CUDA, where the
+  model is cheap per image only in batches, or ``DIGITS_RUNTIME=torch`` for torch.compile).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from service.runtimes import RuntimeOptions
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Placement:
+    where: Literal["api", "worker"]
+    device: str  # "cpu" or "cuda" (LitServe picks the worker's cuda:N)
+    reason: str
+
+
+def cuda_available() -> bool:
+    # NVML-based: answers without initialising CUDA in this process, which forks API servers.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def decide(settings: Settings) -> Placement:
+    cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_available())
+    device = "cuda" if cuda else "cpu"
+    if settings.inference == "worker":
+        return Placement("worker", device, "DIGITS_INFERENCE=worker")
+    if settings.inference == "api":
+        return Placement("api", "cpu", "DIGITS_INFERENCE=api")
+    if cuda:
+        return Placement("worker", device, "auto: CUDA batches in the inference workers")
+    if settings.runtime == "torch":
+        return Placement("worker", device, "auto: DIGITS_RUNTIME=torch runs in the inference workers")
+    return Placement("api", device, "auto: CPU, ONNX Runtime in every API server")
+
+
+def runtime_options(settings: Settings, device: str, in_api_server: bool = False) -> RuntimeOptions:
+    """``device`` as LitServe gave it to a worker (cuda:N), or "cpu". In an API server the model
+    gets one thread unless DIGITS_WORKER_THREADS says otherwise: every API server has its own."""
+    device = device if str(device).startswith("cuda") else "cpu"
+    threads = (settings.worker_threads or 1) if in_api_server else settings.inference_threads()
+    return RuntimeOptions(device=device, threads=threads, buckets=tuple(settings.buckets()),
+                          data_dir=settings.data_dir)

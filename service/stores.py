@@ -1,0 +1,45 @@
+"""FastAPI dependencies for the registry-backed stores, opened once per API-server process."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from model.registry import Registry
+from service.feedback_store import FeedbackStore
+from service.jobs import JobStore
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@cache
+def open_registry(root: Path) -> Registry:
+    return Registry(root)  # opening also clears a dead publisher's staging/ leftovers
+
+
+def get_registry(settings: SettingsDep) -> Registry:
+    return open_registry(settings.registry)
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def get_jobs(registry: RegistryDep) -> JobStore:
+    return JobStore(registry)
+
+
+def get_feedback_store(registry: RegistryDep, settings: SettingsDep) -> FeedbackStore:
+    return FeedbackStore(registry, settings.feedback_max_samples, settings.feedback_max_bytes)
+
+
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
+FeedbackStoreDep = Annotated[FeedbackStore, Depends(get_feedback_store)]
