@@ -50,10 +50,13 @@ def jitter(rng: np.random.Generator, colour: tuple[float, ...], amount: float = 
     return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3), 0, 1).astype(np.float32)
 
 
-def digit_alpha(digit: np.ndarray, height: int, thicken: int = 0) -> np.ndarray:
-    """The MNIST digit's ink coverage (0..1) cropped to its strokes, scaled to ``height`` px."""
+def digit_alpha(digit: np.ndarray, height: int, thicken: int = 0, max_width: int | None = None) -> np.ndarray:
+    """The MNIST digit's ink coverage (0..1) cropped to its strokes, scaled to ``height`` px
+    (less if it would be wider than ``max_width``)."""
     ys, xs = np.nonzero(digit)
     crop = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255.0
+    if max_width and crop.shape[1] * height > max_width * crop.shape[0]:
+        height = max(2, round(max_width * crop.shape[0] / crop.shape[1]))
     width = max(2, round(crop.shape[1] * height / crop.shape[0]))
     alpha = cv2.resize(crop, (width, height), interpolation=cv2.INTER_CUBIC)
     alpha = cv2.GaussianBlur(np.clip(alpha, 0, 1), (0, 0), max(0.6, height / 120))
@@ -187,10 +190,10 @@ def compose(rng: np.random.Generator, digit: np.ndarray, condition: str, longer:
         page.lines(spacing, thickness, colour, False)
         page.lines(spacing, thickness, colour, True)
     thicken = round(digit_height * 0.05) if condition == "whiteboard" else 0
-    alpha = digit_alpha(digit, digit_height, thicken)
+    alpha = digit_alpha(digit, digit_height, thicken, max_width=round(0.8 * width))
     top, left = place(rng, (height, width), alpha.shape, condition == "near_edge")
     if condition == "whiteboard":  # ghost of a wiped-off digit
-        ghost = digit_alpha(digit[:, ::-1], digit_height)
+        ghost = digit_alpha(digit[:, ::-1], digit_height, max_width=round(0.8 * width))
         gtop, gleft = place(rng, (height, width), ghost.shape, False)
         page.ink(cv2.GaussianBlur(ghost, (0, 0), 4), gtop, gleft, np.float32([0.5, 0.5, 0.55]), 0.12)
     ink = pick(rng, MARKERS if condition == "whiteboard" else INKS)
