@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes gpu-bench image image-smoke clean protos
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess gpu-bench image image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -85,6 +85,9 @@ bench-finetune: train
 
 bench-runtimes: train
 	$(PY) -m loadtest.runtime_bench
+
+bench-preprocess: data
+	$(PY) -m loadtest.preprocess_bench
 
 gpu-bench:
 	bash loadtest/gpu_bench.sh

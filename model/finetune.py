@@ -2,34 +2,47 @@
 
 Replay: uploaded samples are mixed with a random draw of MNIST training images (about 1:1
 by default), so the model learns the new handwriting without forgetting the old.
-Gate: promote only if MNIST test accuracy drops by at most ``max_accuracy_drop`` and
-accuracy on the held-out part of the upload does not fall.
+Gate: promote only if MNIST test accuracy drops by at most ``max_accuracy_drop`` and the
+candidate is not worse than the base on the held-out part of the upload beyond chance. The
+held-out set is small (tens of images), so two accuracies on it are noise; the test is paired:
+an exact McNemar test on the samples one model gets right and the other wrong (under "no
+worse", each such discordant sample is broken by the candidate with probability 1/2), rejecting
+when the one-sided p-value of that many broken samples is below ``holdout_alpha``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from model.train import EpochStats, TrainConfig, evaluate, predict_logits, train
 
 
-@dataclass
-class FinetuneOptionsLike:
-    """The knobs fine-tuning reads (service.schemas.FinetuneOptions provides them)."""
+class FinetuneOptions(BaseModel):
+    """Bounded knobs of a fine-tune job (defaults suit a few hundred samples)."""
 
-    epochs: int = 8
-    learning_rate: float = 5e-4
-    batch_size: int = 64
-    replay_ratio: float = 1.0
-    holdout_fraction: float = 0.2
-    max_accuracy_drop: float = 0.005
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(8, ge=1, le=100)
+    learning_rate: float = Field(5e-4, gt=0, le=0.05)
+    batch_size: int = Field(64, ge=8, le=512)
+    replay_ratio: float = Field(1.0, ge=0, le=10, description="MNIST replay samples per uploaded sample")
+    holdout_fraction: float = Field(0.2, ge=0.05, le=0.5, description="share of the upload kept for the gate")
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, le=0.1, description="allowed MNIST test accuracy drop (0.005 = 0.5 points)"
+    )
+    holdout_alpha: float = Field(
+        0.05, gt=0, le=0.5,
+        description="reject when the candidate is worse on the held-out upload at this one-sided significance "
+                    "(exact McNemar test on the samples it fixes and breaks)",
+    )
+    seed: int = Field(0, ge=0)
 
 
 @dataclass
@@ -57,20 +70,65 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return evaluate(model, images, labels).accuracy if len(images) else None
 
 
+def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool [N]: which samples the model gets right."""
+    if not len(images):
+        return torch.zeros(0, dtype=torch.bool)
+    return predict_logits(model, images).argmax(1) == labels
+
+
+def worse_p_value(fixed: int, broken: int) -> float:
+    """Exact one-sided McNemar p-value that a candidate which broke ``broken`` samples and fixed
+    ``fixed`` is worse: P(X >= broken), X ~ Binomial(fixed + broken, 1/2)."""
+    n = fixed + broken
+    return sum(math.comb(n, k) for k in range(broken, n + 1)) / 2**n
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion decision and the figures it rests on."""
+
+    promoted: bool
+    reason: str
+    metrics: dict[str, float | int]
+
+
+def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: float, mnist_after: float,
+         options: FinetuneOptions) -> Gate:
+    """Promote unless MNIST fell by more than the bound or the held-out upload got worse beyond chance."""
+    fixed = int((candidate_right & ~base_right).sum())
+    broken = int((base_right & ~candidate_right).sum())
+    p_value = worse_p_value(fixed, broken)
+    held = (f"held-out upload {_pct(_mean(base_right))} -> {_pct(_mean(candidate_right))} "
+            f"({fixed} fixed, {broken} broken, p = {p_value:.3g})")
+    figures = f"MNIST test {mnist_before:.2%} -> {mnist_after:.2%}, {held}"
+    metrics = {"holdout_fixed": fixed, "holdout_broken": broken, "holdout_worse_p_value": round(p_value, 6),
+               "holdout_alpha": options.holdout_alpha}
+    drop = mnist_before - mnist_after
+    if drop > options.max_accuracy_drop:
+        reason = f"rejected: MNIST accuracy fell {drop:.2%} (> {options.max_accuracy_drop:.2%}); {figures}"
+        return Gate(False, reason, metrics)
+    if p_value < options.holdout_alpha:
+        reason = f"rejected: worse on the held-out upload (p = {p_value:.3g} < {options.holdout_alpha}); {figures}"
+        return Gate(False, reason, metrics)
+    return Gate(True, f"promoted: {figures}", metrics)
+
+
 def finetune(
     base: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     mnist_train: tuple[torch.Tensor, torch.Tensor],
     mnist_test: tuple[torch.Tensor, torch.Tensor],
-    options: FinetuneOptionsLike,
+    options: FinetuneOptions,
     on_epoch: Callable[[EpochStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FinetuneOutcome:
     """Train a copy of ``base`` on uploaded uint8 digits [N,28,28]; decide on promotion."""
     started = time.perf_counter()
     train_x, train_y, hold_x, hold_y = split_holdout(images, labels, options.holdout_fraction, options.seed)
-    before = {"mnist_test_accuracy": accuracy(base, *mnist_test), "holdout_accuracy": accuracy(base, hold_x, hold_y)}
+    base_right = correct(base, hold_x, hold_y)
+    before = {"mnist_test_accuracy": accuracy(base, *mnist_test), "holdout_accuracy": _mean(base_right)}
 
     replay_count = min(len(mnist_train[0]), round(len(train_x) * options.replay_ratio))
     pick = torch.randperm(len(mnist_train[0]), generator=torch.Generator().manual_seed(options.seed + 1))
@@ -95,23 +153,17 @@ def finetune(
     )
     train(model, mixed_x, mixed_y, config, teacher_logits=teacher, on_epoch=on_epoch, should_stop=should_stop,
           show_progress=False)
-    after = {"mnist_test_accuracy": accuracy(model, *mnist_test), "holdout_accuracy": accuracy(model, hold_x, hold_y)}
-    before.update(holdout_samples=len(hold_x), train_samples=len(train_x), replay_samples=replay_count)
-    after.update(holdout_samples=len(hold_x), train_samples=len(train_x), replay_samples=replay_count)
+    candidate_right = correct(model, hold_x, hold_y)
+    after = {"mnist_test_accuracy": accuracy(model, *mnist_test), "holdout_accuracy": _mean(candidate_right)}
+    sizes = {"holdout_samples": len(hold_x), "train_samples": len(train_x), "replay_samples": replay_count}
+    before.update(sizes)
+    decision = gate(base_right, candidate_right, before["mnist_test_accuracy"], after["mnist_test_accuracy"], options)
+    after.update(sizes, **decision.metrics)
+    return FinetuneOutcome(decision.promoted, decision.reason, model, before, after, time.perf_counter() - started)
 
-    drop = before["mnist_test_accuracy"] - after["mnist_test_accuracy"]
-    figures = (
-        f"MNIST test {before['mnist_test_accuracy']:.2%} -> {after['mnist_test_accuracy']:.2%}, "
-        f"held-out upload {_pct(before['holdout_accuracy'])} -> {_pct(after['holdout_accuracy'])}"
-    )
-    if drop > options.max_accuracy_drop:
-        limit = options.max_accuracy_drop
-        promoted, reason = False, f"rejected: MNIST accuracy fell {drop:.2%} (> {limit:.2%}); {figures}"
-    elif before["holdout_accuracy"] is not None and after["holdout_accuracy"] < before["holdout_accuracy"]:
-        promoted, reason = False, f"rejected: held-out accuracy fell; {figures}"
-    else:
-        promoted, reason = True, f"promoted: {figures}"
-    return FinetuneOutcome(promoted, reason, model, before, after, time.perf_counter() - started)
+
+def _mean(right: torch.Tensor) -> float | None:
+    return float(right.float().mean()) if len(right) else None
 
 
 def _pct(value: float | None) -> str:

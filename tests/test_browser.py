@@ -1,11 +1,18 @@
-"""The drawing page in a real headless Chromium: draw with the mouse, predict, send feedback."""
+"""The drawing page in a real headless Chromium: draw with the mouse or give it a photo (file input, drag and
+drop), predict, see the 28x28 digit the model was given, send feedback."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from tests.photoset import photo_set
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -62,3 +69,46 @@ def test_draw_predict_and_correct(browser, start_server, registry_copy, tmp_path
     page.click("#predict")  # nothing drawn: the service says there is no ink
     page.wait_for_function("document.getElementById('status').textContent.includes('no visible ink')",
                            timeout=30_000)
+
+
+def seen_digit(page) -> np.ndarray:
+    """The 28x28 image the page shows as what the model saw."""
+    src = page.get_attribute("#seen", "src")
+    assert src.startswith("data:image/png;base64,") and page.is_visible("#seen")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+
+
+def test_photo_by_file_and_by_drop_shows_what_the_model_saw(browser, start_server, registry_copy, mnist_test,
+                                                          tmp_path: Path) -> None:
+    images, labels = (t.numpy() for t in mnist_test)
+    photos = photo_set(images, labels, 1, seed=4, conditions=("ruled", "shadow"))  # a 5 and an 8
+    server = start_server(registry_copy.root, trainer_enabled="false")
+    page = browser.new_page()
+    page.goto(server.url + "/")
+
+    stroke(page, [(140, 40), (140, 240)])  # a drawing first: the answer comes with its 28x28 input
+    page.click("#predict")
+    page.wait_for_function("document.getElementById('digit').textContent !== '?'", timeout=30_000)
+    drawn = seen_digit(page)
+    assert drawn.shape == (28, 28) and drawn.max() > 200 and drawn[0].max() == 0  # white on black, centred
+
+    chosen = tmp_path / "photo.jpg"
+    chosen.write_bytes(photos[0].jpeg)
+    page.set_input_files("#file", str(chosen))
+    page.wait_for_function(f"document.getElementById('digit').textContent === '{photos[0].label}'", timeout=30_000)
+    assert not np.array_equal(seen_digit(page), drawn)
+
+    dropped = photos[1]
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: "image/jpeg"}));
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(dropped.jpeg).decode(), "dropped.jpg"])
+    page.wait_for_function(f"document.getElementById('digit').textContent === '{dropped.label}'", timeout=30_000)
+    page.screenshot(path=str(tmp_path / "browser-photo.png"))
+
+    page.click(f"#labels button[data-label='{dropped.label}']")  # feedback sends the photo itself
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('thanks')", timeout=30_000)
+    assert len(list((registry_copy.root / "feedback").glob("*.safetensors"))) == 1

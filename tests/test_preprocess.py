@@ -17,6 +17,7 @@ from model.preprocess import (
     ImageTooLarge,
     NoInk,
     NotAnImage,
+    declared_pixels,
     prepare_digit,
 )
 
@@ -145,3 +146,67 @@ def test_oversized_dimensions_are_refused_before_decoding() -> None:
         prepare_digit(png_header_only(60000, 60000))
     with pytest.raises(ImageTooLarge):
         prepare_digit(png_header_only(3000, 3000), max_pixels=1_000_000)
+
+
+# ------------------------------------------------------------------ photos and their look-alikes
+
+
+def photo_of_paper(lines: bool, size=(300, 400), seed: int = 0) -> bytes:
+    """A JPEG of paper without a digit: tint, a lighting gradient, noise, maybe ruled lines."""
+    rng = np.random.default_rng(seed)
+    xs = np.arange(size[1])[None, :]
+    light = 0.95 - 0.35 * xs / size[1]
+    page = np.stack([light * 0.97, light * 0.94, light * 0.85], axis=-1) + rng.normal(0, 0.01, (*size, 1))
+    if lines:
+        for y in range(20, size[0], 32):
+            page[y : y + 2] *= np.array([0.6, 0.72, 0.9])
+    return encode(Image.fromarray(np.clip(page * 255, 0, 255).astype(np.uint8)), "JPEG", quality=70)
+
+
+@pytest.mark.parametrize("lines", [False, True], ids=["blank_page", "lined_paper"])
+def test_a_photo_of_paper_without_a_digit_has_no_ink(lines: bool) -> None:
+    with pytest.raises(NoInk):
+        prepare_digit(photo_of_paper(lines))
+
+
+def test_uniform_colour_photo_has_no_ink() -> None:
+    with pytest.raises(NoInk):
+        prepare_digit(encode(Image.new("RGB", (400, 300), (200, 60, 90)), "JPEG", quality=60))
+
+
+def test_low_resolution_8x8_scans_stay_readable(model, mnist_test) -> None:
+    """Digits scanned at 8x8 (the sklearn digits' resolution), as dark ink on white."""
+    images, labels = mnist_test
+    n = 1000
+    scans = [encode(Image.fromarray(255 - d).resize((8, 8), Image.Resampling.BOX)) for d in images[:n].numpy()]
+    accuracy = (predict(model, np.stack([prepare_digit(s) for s in scans])) == labels[:n].numpy()).mean()
+    assert accuracy >= 0.72, accuracy  # 8x8 loses much detail: 73 % before photos were handled, keep it
+
+
+def test_cmyk_and_photo_path_read_the_same_digit(model, mnist_test) -> None:
+    digit, label = reference_digit(mnist_test)
+    paper = Image.fromarray(dark_on_light(digit))
+    assert predict(model, prepare_digit(encode(paper.convert("CMYK"), "JPEG", quality=90))[None])[0] == label
+    assert predict(model, prepare_digit(encode(paper.convert("CMYK"), "TIFF"))[None])[0] == label
+
+
+def test_a_big_photo_is_decoded_reduced(model, mnist_test) -> None:
+    from tests.photoset import compose
+
+    images, labels = mnist_test
+    photo = compose(np.random.default_rng(1), images[3].numpy(), "ruled", 4000)
+    assert declared_pixels(photo) > 4000 * 2000
+    assert predict(model, prepare_digit(photo)[None])[0] == int(labels[3])
+    with pytest.raises(ImageTooLarge):
+        prepare_digit(photo, max_pixels=1_000_000)
+
+
+def test_declared_pixels_reads_the_header_only() -> None:
+    assert declared_pixels(png_header_only(8000, 6000)) == 48_000_000
+    with pytest.raises(ImageTooLarge):  # PIL's decompression-bomb bound, whatever max_pixels is
+        declared_pixels(png_header_only(60000, 60000))
+    assert declared_pixels(encode(Image.new("L", (30, 20)))) == 600
+    with pytest.raises(NotAnImage):
+        declared_pixels(b"plain text")
+    with pytest.raises(CorruptImage):
+        declared_pixels(b"")
