@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import re
 
 import numpy as np
-from PIL import Image
 
-from model.preprocess import ImageProblem, prepare_digit
+from model.preprocess import ImageProblem, declared_pixels, prepare_digit
 from service.bodies import is_json, kind_of, multipart_field, parse_json
 from service.errors import ClientError
 from service.schemas import PredictJSON
@@ -75,22 +73,15 @@ def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ClientError(exc.status_code, exc.code, exc.message) from None
 
 
-def declared_pixels(data: bytes) -> int:
-    """width * height from the image header alone (0 when unreadable: prepare_digit then
-    names the problem)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:
-        return 0
-    return width * height
-
-
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:
     """Small images (the common case) are decoded in place: cheaper than a thread hop. Big ones
     (by pixels, not bytes: a 30 KB PNG can declare 25 Mpx) go to a thread, a few at a time, so
     they never stall the event loop and cannot pile up."""
-    if declared_pixels(data) <= INLINE_DECODE_PIXELS:
+    try:
+        inline = declared_pixels(data) <= INLINE_DECODE_PIXELS
+    except ImageProblem:
+        inline = True  # not an image: prepare_digit names the problem at once
+    if inline:
         return digit_from_bytes(data, max_pixels)
     async with heavy_decodes():
         return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
