@@ -124,7 +124,11 @@ def small_grey_png(data: bytes, max_pixels: int) -> np.ndarray | None:
 
 
 def declared_pixels(data: bytes) -> int:
-    """width x height as the header declares it, without decoding (raises like :func:`open_image`)."""
+    """width x height as the header declares it, without decoding (raises like :func:`open_image`).
+    A PNG's size is read straight from its IHDR chunk (a microsecond, against ~40 for PIL)."""
+    if len(data) >= 24 and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
     width, height = identify(data).size
     return width * height
 
