@@ -22,14 +22,14 @@ install: $(STAMP)
 
 data: install
 	@echo "==> MNIST in $(DATA_DIR)"
-	$(PY) -m model prepare-data
+	$(PY) -m model --data-dir $(DATA_DIR) prepare-data
 
 train: data
 	@echo "==> base model in $(REGISTRY) (trained only if the registry has no active version)"
-	$(PY) -m model train --if-missing
+	$(PY) -m model --data-dir $(DATA_DIR) --registry $(REGISTRY) train --if-missing
 
 retrain: data
-	$(PY) -m model train
+	$(PY) -m model --data-dir $(DATA_DIR) --registry $(REGISTRY) train
 
 run: train
 	@echo "==> serving on http://127.0.0.1:8000 (Ctrl+C stops it)"

@@ -29,8 +29,9 @@ BATCHES = (1, 8, 64, 256, 1024, 4096)
 def load_net() -> tuple[torch.nn.Module, str]:
     try:
         from model.registry import Registry
+        from service.settings import Settings
 
-        model, manifest = Registry(os.environ.get("DIGITS_REGISTRY", ROOT / "registry")).load_model()
+        model, manifest = Registry(Settings().registry).load_model()
         return model, manifest.version
     except Exception as exc:
         print(f"(no registry version: {exc}; using fresh weights)")

@@ -16,25 +16,25 @@ from __future__ import annotations
 import base64
 import os
 import random
-from pathlib import Path
 
 from locust import FastHttpUser, between, constant, events, task
 
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
+from service.settings import Settings
 
 WEIGHTS = dict(
     (name, int(value))
     for name, value in (item.split("=") for item in os.environ.get(
         "LOADTEST_WEIGHTS", "multipart=8,json=4,feedback=1,admin=1").split(","))
 )
-ADMIN_TOKEN = os.environ.get("DIGITS_ADMIN_TOKEN", "")
+ADMIN_TOKEN = Settings().admin_token_value() or ""
 MAX_P99_MS = float(os.environ.get("LOADTEST_MAX_P99_MS", "1000"))
 MAX_WRONG = float(os.environ.get("LOADTEST_MAX_WRONG", "0.02"))
 
 
 def load_digits(count: int = 500) -> list[tuple[bytes, int]]:
-    directory = raw_dir(Path(os.environ.get("DIGITS_DATA_DIR", "data")))
+    directory = raw_dir(Settings().data_dir)
     images = read_idx(directory / IDX_FILES["test_images"])[:count]
     labels = read_idx(directory / IDX_FILES["test_labels"])[:count]
     return [(encode_png(image), int(label)) for image, label in zip(images, labels, strict=True)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from model.data import load_split
 from model.preprocess import declared_pixels, encode_png, prepare_digit
+from service.settings import Settings
 from tests.photoset import compose
 
 
@@ -42,7 +42,7 @@ def median_us(data: bytes, runs: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("DIGITS_DATA_DIR", "data"))
+    parser.add_argument("--data-dir", default=str(Settings().data_dir))
     parser.add_argument("--runs", type=int, default=300)
     args = parser.parse_args()
     images, _ = load_split(args.data_dir, train=False)

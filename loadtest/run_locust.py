@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from loadtest.serverctl import ROOT, is_up, private_registry, service
+from service.settings import Settings
 
 
 def main() -> int:
@@ -35,7 +36,7 @@ def main() -> int:
             print(f"using the server already running at {args.host}")
         else:
             env.setdefault("DIGITS_ADMIN_TOKEN", secrets.token_urlsafe(16))
-            registry = private_registry(Path(os.environ.get("DIGITS_REGISTRY", "registry")),
+            registry = private_registry(Settings().registry,
                                         args.reports / "loadtest-registry")
             print(f"starting the service on port {port} with a copy of the registry in {registry} "
                   "(stopped when the load test ends) ...", flush=True)

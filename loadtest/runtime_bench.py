@@ -15,8 +15,10 @@ import sys
 import numpy as np
 import torch
 
+from model.publish import ensure_onnx
 from model.registry import Registry
 from service.runtimes import CompiledTorchRuntime, OnnxRuntime, ProbabilityHead, time_runtime
+from service.settings import Settings
 
 BATCHES = (1, 8, 64)
 
@@ -34,7 +36,7 @@ class EagerRuntime:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", default=os.environ.get("DIGITS_REGISTRY", "registry"))
+    parser.add_argument("--registry", default=str(Settings().registry))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
@@ -47,7 +49,7 @@ def main() -> int:
     runtimes = [
         EagerRuntime(eager_model),
         CompiledTorchRuntime(model, manifest.version, manifest.arch, "cpu", list(BATCHES)),
-        OnnxRuntime(registry.onnx_path(manifest.version), manifest.version, manifest.arch, threads=args.threads),
+        OnnxRuntime(ensure_onnx(registry, manifest.version), manifest.version, manifest.arch, threads=args.threads),
     ]
     runtimes[1].warm_up()
     names = ["torch eager", "torch.compile", "onnxruntime"]

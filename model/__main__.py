@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 from model import data
 from model.nets import ARCHITECTURES, DEFAULT_ARCH
 
-DEFAULT_DATA_DIR = Path(os.environ.get("DIGITS_DATA_DIR", "data"))
-DEFAULT_REGISTRY = Path(os.environ.get("DIGITS_REGISTRY", "registry"))
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_REGISTRY = Path("registry")
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
@@ -69,14 +68,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from model.registry import Registry
 
     path, diff = export_version(Registry(args.registry), args.version, args.data_dir)
-    print(f"wrote {path} (parity on 1,000 test images: max |dlogit| = {diff:.2e})")
+    print(f"wrote {path} (parity on 1,000 test images: max |dp| = {diff:.2e})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MNIST directory (env DIGITS_DATA_DIR)")
-    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="model registry (env DIGITS_REGISTRY)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MNIST directory")
+    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="model registry")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare-data", help="build the MNIST IDX files (skipped when present)")

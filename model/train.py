@@ -28,10 +28,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     augment: bool = True
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None leaves torch's default
     schedule: str = "onecycle"  # "onecycle" (base training) or "constant" (fine-tuning)
     label_smoothing: float = 0.05
-    freeze_batchnorm: bool = False  # keep BN statistics fixed (fine-tuning: less forgetting)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +98,6 @@ def train(
     that keeps the model's outputs on those samples close to a teacher's: fine-tuning uses
     it on replayed MNIST images so the new model remembers what the old one knew.
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
     model.to(memory_format=torch.channels_last)  # measurably faster convolutions on CPU
     generator = seed_everything(config.seed)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
@@ -115,10 +111,6 @@ def train(
     history: list[EpochStats] = []
     for epoch in range(1, config.epochs + 1):
         model.train()
-        if config.freeze_batchnorm:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
         order = torch.randperm(len(images), generator=generator)
         total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(
