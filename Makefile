@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess gpu-bench image image-smoke clean protos
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile gpu-bench image image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -82,6 +82,10 @@ bench: train
 bench-finetune: train
 	@command -v hey >/dev/null || (echo "==> installing the load generator hey" && apt-get install -y hey)
 	$(PY) -m loadtest.finetune_bench
+
+bench-hostile: train
+	@command -v hey >/dev/null || (echo "==> installing the load generator hey" && apt-get install -y hey)
+	$(PY) -m loadtest.hostile_bench
 
 bench-runtimes: train
 	$(PY) -m loadtest.runtime_bench

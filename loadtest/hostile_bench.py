@@ -1,0 +1,93 @@
+"""Big images must not stall the server: /health latency and /predict throughput, alone and
+while two clients keep sending a 5000x5000 PNG (about 30 KB: the header, not the bytes, says
+it is big). Prints the figures side by side.
+
+    python -m loadtest.hostile_bench [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from loadtest.bench import BOUNDARY, multipart_body
+from loadtest.serverctl import ROOT, private_registry, service
+
+
+def huge_png() -> bytes:
+    image = np.full((5000, 5000), 255, np.uint8)
+    image[1500:3500, 2300:2700] = 0  # a "1"
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def hey(args: list[str]) -> str:
+    return subprocess.run(["hey", *args], capture_output=True, text=True, check=True).stdout
+
+
+def measure(url: str, body: Path, seconds: float) -> tuple[float, float]:
+    """(/predict req/s at 8 clients, /health p99 ms at 2 clients), measured at the same time."""
+    health: list[str] = []
+    probe = threading.Thread(target=lambda: health.append(hey(["-z", f"{seconds}s", "-c", "2", f"{url}/health"])))
+    probe.start()
+    out = hey(["-z", f"{seconds}s", "-c", "8", "-m", "POST", "-T", f"multipart/form-data; boundary={BOUNDARY}",
+               "-D", str(body), f"{url}/predict"])
+    probe.join()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = float(re.search(r"99%+ in ([\d.]+) secs", health[0]).group(1)) * 1e3
+    return rps, p99
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--registry", type=Path, default=Path("registry"))
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    args = parser.parse_args()
+    reports = ROOT / "reports"
+    reports.mkdir(exist_ok=True)
+    body = multipart_body(reports / "bench-body.bin", args.data_dir)
+    big = huge_png()
+    registry = private_registry(args.registry, Path(tempfile.mkdtemp(prefix="hostile-registry-")))
+    with service(8102, reports, trainer_enabled="false", registry=str(registry)) as server:
+        quiet = measure(server.url, body, args.seconds)
+        stop, statuses = threading.Event(), []
+
+        def sender() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                statuses.append(session.post(f"{server.url}/predict", files={"file": ("big.png", big)},
+                                             timeout=60).status_code)
+
+        senders = [threading.Thread(target=sender) for _ in range(2)]
+        for thread in senders:
+            thread.start()
+        time.sleep(1)
+        loaded = measure(server.url, body, args.seconds)
+        stop.set()
+        for thread in senders:
+            thread.join(60)
+    print(f"big PNG: {len(big):,} bytes declaring 5000x5000; answers while measuring: "
+          f"{ {s: statuses.count(s) for s in set(statuses)} }")
+    print(f"{'':<26}{'/predict req/s':>16}{'/health p99 ms':>16}")
+    print(f"{'alone':<26}{quiet[0]:>16.0f}{quiet[1]:>16.1f}")
+    print(f"{'with 2 big-image senders':<26}{loaded[0]:>16.0f}{loaded[1]:>16.1f}")
+    print(f"/predict keeps {loaded[0] / quiet[0]:.0%} of its throughput (target >= 80 %); "
+          f"/health p99 {loaded[1]:.1f} ms (target < 10 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
