@@ -128,6 +128,8 @@ def declared_pixels(data: bytes) -> int:
     A PNG's size is read straight from its IHDR chunk (a microsecond, against ~40 for PIL)."""
     if len(data) >= 24 and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(f"image dimensions are too large: {width}x{height} pixels")
         return width * height
     width, height = identify(data).size
     return width * height

@@ -24,10 +24,13 @@ def stop_children(timeout: float = 10.0) -> None:
     multiprocessing's resource tracker, which exits by itself after us."""
     import psutil
 
-    children = [
-        child for child in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(child.cmdline() or [])
-    ]
+    def is_resource_tracker(child: psutil.Process) -> bool:
+        try:
+            return "resource_tracker" in " ".join(child.cmdline())
+        except psutil.Error:  # gone, or a zombie: nothing to keep
+            return False
+
+    children = [child for child in psutil.Process().children(recursive=True) if not is_resource_tracker(child)]
     for child in children:
         try:
             child.terminate()
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
         ensure_onnx(registry, version, settings.data_dir)  # once here, not in every API server
     server = build_server(settings, where) if lit_api_class is None else build_server(settings, where, lit_api_class)
     adapter.interrupt_on_signals(os.getpid())
+    exit_code = 0
     log.info("serving on http://%s:%d (docs at /docs); model in the %s (%s)", settings.host, settings.port,
              "API servers" if where.where == "api" else "inference workers", where.reason)
     try:
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
         )
     except KeyboardInterrupt:
         pass
+    except (EOFError, ConnectionError, BrokenPipeError):
+        # LitServe's manager process (it holds the shutdown event) died: nothing can be supervised any more
+        log.critical("LitServe's manager process died; stopping the server")
+        exit_code = 1
     finally:
         adapter.ignore_signals()
         log.info("shutting down")
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
         if own_run_dir:
             shutil.rmtree(settings.run_dir, ignore_errors=True)
         log.info("stopped")
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -221,6 +221,7 @@ class DigitServer(ls.LitServer):
             target=_Server(config=config).run, args=(index, sockets), name=f"LitServer-{index}"
         )
         process.start()
+        log.info("API server %d started (pid %d)", index, process.pid, extra={"pid": process.pid})
         return process
 
     def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
