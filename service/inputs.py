@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -19,7 +22,7 @@ from service.errors import ClientError
 from service.schemas import PredictJSON
 
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
-HEAVY_DECODES = 2  # concurrent decodes of bigger images per API server
+HEAVY_DECODES = 1  # background processes decoding bigger images, per API server
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 # base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
 # standard or url-safe alphabet (not mixed). Nothing else.
@@ -73,25 +76,31 @@ def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ClientError(exc.status_code, exc.code, exc.message) from None
 
 
+def _background_priority() -> None:
+    os.nice(19)
+
+
+# One per API server, made lazily (after the fork): HEAVY_DECODES processes at nice 19, so big
+# decodes neither hold this process's GIL nor take CPU that ordinary requests want.
+_heavy_pool: ProcessPoolExecutor | None = None
+
+
+def heavy_pool() -> ProcessPoolExecutor:
+    global _heavy_pool
+    if _heavy_pool is None:
+        _heavy_pool = ProcessPoolExecutor(HEAVY_DECODES, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_background_priority)
+    return _heavy_pool
+
+
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:
     """Small images (the common case) are decoded in place: cheaper than a thread hop. Big ones
-    (by pixels, not bytes: a 30 KB PNG can declare 25 Mpx) go to a thread, a few at a time, so
-    they never stall the event loop and cannot pile up."""
+    (by pixels, not bytes: a 30 KB PNG can declare 25 Mpx) go to a few background-priority
+    processes, so they never stall the event loop and only use CPU that ordinary requests leave."""
     try:
         inline = declared_pixels(data) <= INLINE_DECODE_PIXELS
     except ImageProblem:
         inline = True  # not an image: prepare_digit names the problem at once
     if inline:
         return digit_from_bytes(data, max_pixels)
-    async with heavy_decodes():
-        return await asyncio.to_thread(digit_from_bytes, data, max_pixels)
-
-
-_heavy: asyncio.Semaphore | None = None
-
-
-def heavy_decodes() -> asyncio.Semaphore:
-    global _heavy
-    if _heavy is None:
-        _heavy = asyncio.Semaphore(HEAVY_DECODES)
-    return _heavy
+    return await asyncio.get_running_loop().run_in_executor(heavy_pool(), digit_from_bytes, data, max_pixels)
