@@ -94,3 +94,20 @@ def test_prepared_files_equal_the_source_arrays(data_dir: Path) -> None:
 
 def test_prepare_is_idempotent(data_dir: Path) -> None:
     assert data.prepare(data_dir, log=lambda _: None) is False
+
+
+def test_a_write_that_fails_midway_leaves_complete_files_and_no_partial_one(tmp_path: Path) -> None:
+    """The third of four IDX files cannot be written: the first two are whole, the third and
+    fourth do not exist, no temporary file is left, and the data does not count as prepared."""
+    good = np.zeros((3, 28, 28), dtype=np.uint8)
+    arrays = {key: good for key in data.IDX_FILES}
+    third = list(data.IDX_FILES)[2]
+    arrays[third] = good.astype(np.float32)  # refused by write_idx
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_idx_set(tmp_path, arrays)
+    names = list(data.IDX_FILES.values())
+    raw = data.raw_dir(tmp_path)
+    assert all(np.array_equal(data.read_idx(raw / name), good) for name in names[:2])
+    assert not (raw / names[2]).exists() and not (raw / names[3]).exists()
+    assert sorted(p.name for p in raw.iterdir()) == sorted(names[:2])  # no temporary leftovers
+    assert not data.is_prepared(tmp_path)
