@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from model.preprocess import encode_png
 from service.errors import ClientError, json_error
 from service.inputs import digit_from_bytes_async, image_bytes
+from service.middleware import header
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
 
 log = logging.getLogger("digits.predict")
@@ -58,13 +59,6 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
 class PredictEndpoint:
     """The ASGI endpoint of POST /predict, reading settings and the predictor from ``app.state``."""
 
@@ -77,7 +71,7 @@ class PredictEndpoint:
         request_id = state.get("request_id", "")
         try:
             explain = wants_explanation(scope.get("query_string", b""))
-            data = image_bytes(header(scope, b"content-type"), await read_body(receive))
+            data = image_bytes(header(scope, b"content-type") or "", await read_body(receive))
             pixels = await digit_from_bytes_async(data, self.state.settings.max_pixels)
             prediction = await self.state.predictor.predict(pixels[None])
             status = 200

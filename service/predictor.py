@@ -37,8 +37,6 @@ class Predictor(Protocol):
     async def predict(self, pixels: np.ndarray) -> Prediction:
         """uint8 [n,28,28], white digit on black."""
 
-    def ready(self) -> bool: ...
-
 
 class InProcessPredictor:
     """ONNX Runtime in this API server: no hop, no batching window. The call runs on the event
@@ -50,9 +48,6 @@ class InProcessPredictor:
     async def predict(self, pixels: np.ndarray) -> Prediction:
         probabilities, serving = self.slot.predict(pixels)
         return Prediction(probabilities, serving.version, serving.runtime.name)
-
-    def ready(self) -> bool:
-        return True
 
     @property
     def model_version(self) -> str:
@@ -86,9 +81,6 @@ class WorkerPredictor:
             raise ClientError(500, "inference_failed", result.error)
         self.model_version = result.model_version
         return Prediction(result.probabilities, result.model_version, result.runtime)
-
-    def ready(self) -> bool:
-        return True
 
     async def watch_workers(self) -> None:
         """Notice dead workers (their readiness file goes or their pid changes) and fail the
