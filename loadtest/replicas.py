@@ -110,6 +110,7 @@ class Child:
 class Replica(Child):
     port: int = 0
     in_service: bool = False
+    in_service_since: float = 0.0  # time.time() when it last went into nginx's upstreams
     ready_failures: int = 0
 
     @property
@@ -331,7 +332,7 @@ class Topology:
         if replica.ready():
             replica.ready_failures = 0
             if not replica.in_service:
-                replica.in_service = True
+                replica.in_service, replica.in_service_since = True, time.time()
                 self._note(f"{replica.name} is ready; into nginx's upstreams", logging.INFO)
         elif replica.in_service:
             replica.ready_failures += 1
