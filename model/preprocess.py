@@ -199,16 +199,21 @@ def luminance(pixels: np.ndarray) -> np.ndarray:
     return pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def scan_ink(gray: np.ndarray) -> np.ndarray:
-    """A clean image's ink strength in [0,1]: whatever differs from the border, either polarity."""
+def scan_ink(gray: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """A clean image's ink strength in [0,1]: whatever differs from the border, either polarity.
+    ``gray * scale`` is the brightness in [0,1] (a uint8 scan comes with ``scale`` 1/255)."""
     border = border_of(gray)
-    background = float(np.partition(border, border.size // 2)[border.size // 2])  # the median
-    ink = background - gray if background > 0.5 else gray - background  # light paper -> invert
-    peak = float(ink.max())
+    background = float(np.partition(border, border.size // 2)[border.size // 2]) * scale  # the median
+    darkest, lightest = (value * scale for value in cv2.minMaxLoc(gray)[:2])
+    light_paper = background > 0.5  # -> invert
+    peak = background - darkest if light_paper else lightest - background
     if peak < MIN_CONTRAST:
         raise NoInk("the image has no visible ink (it is blank or uniform); draw or photograph a digit")
-    ink -= NOISE_FLOOR * peak
-    ink *= 1.0 / ((1.0 - NOISE_FLOOR) * peak)
+    # (|gray - background| - NOISE_FLOOR * peak) / ((1 - NOISE_FLOOR) * peak), clipped at 0, in two passes
+    sign = -1.0 if light_paper else 1.0
+    span = (1.0 - NOISE_FLOOR) * peak
+    ink = gray * np.float32(sign * scale / span)
+    ink += np.float32((-sign * background - NOISE_FLOOR * peak) / span)
     return np.maximum(ink, 0.0, out=ink)
 
 
@@ -323,11 +328,11 @@ def digit_strokes(ink: np.ndarray) -> np.ndarray:
 def place_in_field(digit: np.ndarray) -> np.ndarray:
     """A digit (<= 20x20, float [0,1]) in a 28x28 uint8 field, its centre of mass at the centre."""
     height, width = digit.shape
-    total = float(digit.sum())
+    moments = cv2.moments(digit)
+    total = moments["m00"]
     if total <= 0:
         raise NoInk("the ink is too faint or too small to read")
-    cy = float(digit.sum(axis=1) @ np.arange(height, dtype=np.float32)) / total
-    cx = float(digit.sum(axis=0) @ np.arange(width, dtype=np.float32)) / total
+    cy, cx = moments["m01"] / total, moments["m10"] / total
     top = min(max(round((FIELD - 1) / 2 - cy), 0), FIELD - height)  # keep the whole digit in view
     left = min(max(round((FIELD - 1) / 2 - cx), 0), FIELD - width)
     field = np.zeros((FIELD, FIELD), dtype=np.uint8)
@@ -350,7 +355,7 @@ def prepare_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     """
     grey = small_grey_png(data, max_pixels)
     if grey is not None:
-        return digit_from_ink(scan_ink(grey * np.float32(1 / 255)))
+        return digit_from_ink(scan_ink(grey, 1 / 255))
     pixels = to_pixels(open_image(data, max_pixels, reduce_to=WORK_SIDE), WORK_SIDE)
     if max(pixels.shape[:2]) <= SMALL_SIDE or flat_border(pixels):
         return digit_from_ink(scan_ink(luminance(pixels)))
