@@ -10,6 +10,9 @@ levels, best of ``--repeat`` runs per level:
 * service: ``python -m service`` with default settings (and ``--modes`` for others), plus
   the Open Inference Protocol rows (HTTP binary and gRPC, 1 and 64 images per request).
 
+All servers run at once (idle ones cost nothing) and the runs are interleaved, level by level,
+so a machine that slows down for a while (a shared VM does) slows every server alike.
+
 Prints req/s, p50 and p99 with ratios to the peer and the floor, checks the targets, and saves
 reports/bench.png and reports/bench.json.
 
@@ -19,6 +22,7 @@ reports/bench.png and reports/bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -82,16 +86,23 @@ def hey(url: str, body: Path, concurrency: int, seconds: float) -> tuple[float, 
         number(r"99%+ in ([\d.]+) secs") * 1e3, ok, failed
 
 
-def run_levels(name: str, url: str, body: Path, seconds: float, repeat: int) -> list[Result]:
-    hey(url, body, 8, 2)  # warm every code path first
+def run_levels(servers: dict[str, str], body: Path, seconds: float, repeat: int) -> list[Result]:
+    """Every level on every server, interleaved (level by level, run by run), so that a machine
+    that slows down for a while slows all of them alike."""
+    for url in servers.values():
+        hey(url, body, 8, 2)  # warm every code path first
     results = []
     for level in LEVELS:
-        runs = [hey(url, body, level, seconds) for _ in range(repeat)]
-        rps, p50, p99, ok, failed = max(runs, key=lambda run: run[0])
-        failed = sum(run[4] for run in runs)
-        results.append(Result(name, level, rps, p50, p99, ok, failed))
-        print(f"  {name:<18} c={level:<3} {rps:8.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  failed {failed}",
-              flush=True)
+        runs: dict[str, list] = {name: [] for name in servers}
+        for _ in range(repeat):
+            for name, url in servers.items():
+                runs[name].append(hey(url, body, level, seconds))
+        for name in servers:
+            rps, p50, p99, ok, _ = max(runs[name], key=lambda run: run[0])
+            failed = sum(run[4] for run in runs[name])
+            results.append(Result(name, level, rps, p50, p99, ok, failed))
+            print(f"  {name:<18} c={level:<3} {rps:8.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+                  f"failed {failed}", flush=True)
     return results
 
 
@@ -142,7 +153,7 @@ def print_table(results: list[Result]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per run and concurrency level")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per level; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per level; the best counts")
     parser.add_argument("--modes", default="default", help=f"service settings to run: {','.join(MODES)}")
     parser.add_argument("--v2-seconds", type=float, default=6.0, help="per V2 row (0: skip V2)")
     parser.add_argument("--registry", default="registry")
@@ -158,24 +169,24 @@ def main() -> int:
     from model.publish import ensure_onnx
 
     model_path = ensure_onnx(registry, registry.active_version(), args.data_dir)
-    results: list[Result] = []
     v2_results = []
 
-    print("floor: FastAPI reading the multipart file, answering a constant, 2 workers", flush=True)
-    with peer(8201, model_path, args.reports, null=True):
-        results += run_levels("floor", "http://127.0.0.1:8201/predict", body, args.seconds, args.repeat)
-    print("peer: FastAPI + ONNX Runtime, 2 uvicorn workers", flush=True)
-    with peer(8200, model_path, args.reports):
-        results += run_levels("peer", "http://127.0.0.1:8200/predict", body, args.seconds, args.repeat)
-    for mode in args.modes.split(","):
-        name = "service" if mode == "default" else f"service ({mode})"
-        print(f"{name}: starting ...", flush=True)
-        with service(8101, args.reports, trainer_enabled="false", registry=str(registry.root),
-                     **MODES[mode]) as server:
-            results += run_levels(name, f"{server.url}/predict", body, args.seconds, args.repeat)
-            if mode == "default" and args.v2_seconds:
-                print("  Open Inference Protocol (V2) against /predict, 8 requests in flight:", flush=True)
-                v2_results = v2_rows(server.url, server.grpc_address, args.data_dir, seconds=args.v2_seconds)
+    with contextlib.ExitStack() as running:
+        print("starting the floor (FastAPI reading the multipart file, answering a constant, 2 workers), the peer "
+              "(FastAPI + ONNX Runtime, 2 uvicorn workers) and the service ...", flush=True)
+        running.enter_context(peer(8201, model_path, args.reports, null=True))
+        running.enter_context(peer(8200, model_path, args.reports))
+        servers = {"floor": "http://127.0.0.1:8201/predict", "peer": "http://127.0.0.1:8200/predict"}
+        default = None
+        for port, mode in enumerate(args.modes.split(","), start=8101):
+            server = running.enter_context(service(port, args.reports, trainer_enabled="false",
+                                                   registry=str(registry.root), **MODES[mode]))
+            servers["service" if mode == "default" else f"service ({mode})"] = f"{server.url}/predict"
+            default = server if mode == "default" else default
+        results = run_levels(servers, body, args.seconds, args.repeat)
+        if default is not None and args.v2_seconds:
+            print("  Open Inference Protocol (V2) against /predict, 8 requests in flight:", flush=True)
+            v2_results = v2_rows(default.url, default.grpc_address, args.data_dir, seconds=args.v2_seconds)
 
     print_table(results)
     if v2_results:
