@@ -1,5 +1,5 @@
-"""uvicorn's HTTP protocol (httptools) with a deadline for reading each request, and one
-socket write per small response.
+"""uvicorn's HTTP protocol (httptools) with a deadline for reading each request, JSON for what
+the HTTP parser refuses, and one socket write per small response.
 
 uvicorn times out idle keep-alive connections but not a request that is being read: a client
 that connects and sends nothing, or stops halfway through its headers or body, would hold a
@@ -20,6 +20,8 @@ import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.errors import error_body
 
 STATUS_LINE_START = b"HTTP/1.1 "
 
@@ -92,11 +94,19 @@ def timed_protocol(read_timeout: float) -> type[HttpToolsProtocol]:
             if self.transport.is_closing():
                 return
             if self.cycle is None or not self.cycle.response_started:
-                body = json.dumps({"error": "request_timeout", "detail": f"the request was not received whole "
-                                   f"within {read_timeout:g} s", "request_id": None}).encode()
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"connection: close\r\ncontent-length: " + str(len(body)).encode()
-                                     + b"\r\n\r\n" + body)
+                self._answer_and_close(b"408 Request Timeout", "request_timeout",
+                                       f"the request was not received whole within {read_timeout:g} s")
+            else:
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """What the HTTP parser refuses (bad header bytes, a broken request line): JSON too."""
+            self._answer_and_close(b"400 Bad Request", "bad_request", f"the HTTP request could not be parsed: {msg}")
+
+        def _answer_and_close(self, status: bytes, code: str, detail: str) -> None:
+            body = json.dumps(error_body(code, detail, None)).encode()
+            self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close"
+                                 b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             self.transport.close()
 
     return TimedHttpToolsProtocol

@@ -54,6 +54,18 @@ def test_a_stalled_request_times_out(server: ServerProcess, sent: bytes) -> None
         assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout"
 
 
+@pytest.mark.parametrize("sent", [b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad\x01: y\r\n\r\n",
+                                  b"GET /he alth HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+                         ids=["control_byte_in_a_header", "space_in_the_path", "tls_hello"])
+def test_what_the_http_parser_refuses_gets_a_json_400(server: ServerProcess, sent: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(sent)
+        reply = answer_of(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
+    assert json.loads(body)["error"] == "bad_request"
+
+
 def test_urllib_sending_the_whole_body_first_gets_the_413(server: ServerProcess) -> None:
     request = urllib.request.Request(f"{server.url}/predict", data=b"0" * (3 * 1024 * 1024),
                                      headers={"Content-Type": "application/json"}, method="POST")
