@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     finetune_max_body_bytes: int = Field(50 * MiB, ge=1024, description="largest admin upload body")
     trainer_threads: int = Field(1, ge=1, le=64, description="torch threads of the fine-tune trainer")
     trainer_enabled: bool = Field(True, description="run the fine-tune trainer process beside the server")
+    finetune_max_queued: int = Field(
+        8, ge=1, le=1000, description="jobs queued or running at once; beyond it /admin/finetune answers 429"
+    )
+    activate_wait_seconds: float = Field(
+        10.0, ge=0, le=300,
+        description="how long an activation waits for every model holder to serve the version (then 202)",
+    )
 
     # replicas: a standalone trainer (python -m service.trainer) beside serving replicas
     trainer_metrics_port: int | None = Field(

@@ -93,7 +93,7 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
         registry = Registry(registry_copy.root)
         model_versions = [m.version for m in registry.list_versions()]
         for version in (model_versions[0], model_versions[-1]):
-            assert wait_until(lambda v=version: _activate(url, v), 10, interval=0.2)
+            assert wait_until(lambda v=version: _activate(url, v), 30, interval=0.2)  # 200: every holder serves it
         job = lambda job_id: get_json(f"{url}/admin/jobs/{job_id}", headers=AUTH)  # noqa: E731
         assert wait_until(lambda: all(job(j)["state"] in ("succeeded", "rejected", "failed") for j in jobs), 120,
                           interval=0.5)

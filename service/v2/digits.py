@@ -58,9 +58,10 @@ def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=package_version("digit-service"), extensions=EXTENSIONS)
 
 
-def model_metadata(served_version: str) -> ModelMetadata:
+def model_metadata(serving_versions: list[str]) -> ModelMetadata:
+    """``versions``: what this server's model holders serve now (two only while a swap converges)."""
     return ModelMetadata(
-        name=MODEL_NAME, versions=[served_version], platform=PLATFORM,
+        name=MODEL_NAME, versions=serving_versions, platform=PLATFORM,
         inputs=[spec.metadata() for spec in INPUTS.values()],
         outputs=[spec.metadata() for spec in OUTPUTS.values()],
     )

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from fastapi import FastAPI
 
-from service import ops
+from service import readiness
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -81,12 +81,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=ops.readiness_report(self.app)["ready"])
+        return pb.ServerReadyResponse(ready=readiness.report(self.app)["ready"])
 
     @answers_errors
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         self.served_version(request.name, request.version)
-        return pb.ModelReadyResponse(ready=ops.readiness_report(self.app)["ready"])
+        return pb.ModelReadyResponse(ready=readiness.report(self.app)["ready"])
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         meta = digits.server_metadata()
@@ -94,7 +94,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @answers_errors
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        meta = digits.model_metadata(self.served_version(request.name, request.version))
+        served = self.served_version(request.name, request.version)
+        meta = digits.model_metadata(readiness.report(self.app)["serving_versions"] or [served])
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import ops
+from service import readiness
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -47,9 +47,14 @@ def served_version(request: Request, model_name: str, version: str = "") -> str:
     return digits.served_version(request.app.state.predictor, settings_of(request).registry, model_name, version)
 
 
-def readiness(request: Request) -> JSONResponse:
+def metadata_of(request: Request, model_name: str, version: str = "") -> ModelMetadata:
+    served = served_version(request, model_name, version)
+    return digits.model_metadata(readiness.report(request.app)["serving_versions"] or [served])
+
+
+def readiness_of(request: Request) -> JSONResponse:
     """200 when /ready says ready; the spec's 4xx (400) with a body saying so when not."""
-    ready = ops.readiness_report(request.app)["ready"]
+    ready = readiness.report(request.app)["ready"]
     body = ReadyResponse(ready=ready).model_dump()
     return JSONResponse(body, status_code=200 if ready else 400)
 
@@ -66,30 +71,30 @@ async def live() -> ReadyResponse:
 
 @router.get("/health/ready", summary="Readiness (follows /ready)", response_model=ReadyResponse)
 async def ready(request: Request) -> JSONResponse:
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}", summary="Model metadata")
 async def model_metadata(request: Request, model_name: str) -> ModelMetadata:
-    return digits.model_metadata(served_version(request, model_name))
+    return metadata_of(request, model_name)
 
 
 @router.get("/models/{model_name}/versions/{version}", summary="Model metadata of a version")
 async def version_metadata(request: Request, model_name: str, version: str) -> ModelMetadata:
-    return digits.model_metadata(served_version(request, model_name, version))
+    return metadata_of(request, model_name, version)
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness", response_model=ReadyResponse)
 async def model_ready(request: Request, model_name: str) -> JSONResponse:
     served_version(request, model_name)
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}/versions/{version}/ready", summary="Model version readiness",
             response_model=ReadyResponse)
 async def version_ready(request: Request, model_name: str, version: str) -> JSONResponse:
     served_version(request, model_name, version)
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}/config", summary="Model configuration (Triton's shape)")
