@@ -11,6 +11,9 @@ SIGTERM stops it: a running job stops at its next training step and is marked fa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -106,6 +109,14 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
     return record
 
 
+def release_memory() -> None:
+    """Hand a finished job's freed heap back to the OS: glibc keeps it otherwise, and the trainer
+    idles between jobs at the RSS of the last one's peak (measured with `make soak`)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_trainer(settings: Settings, stop: threading.Event) -> None:
     """Wait for the registry's trainer lock, then run queued jobs until ``stop`` is set."""
     registry = Registry(settings.registry)
@@ -129,6 +140,7 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
             record = store.claim_next()
             if record is not None:
                 run_job(record, store, registry, settings, stop)
+                release_memory()
             else:
                 stop.wait(POLL_SECONDS)
     finally:
