@@ -22,6 +22,7 @@ from service.v2.schemas import (
     ErrorResponse,
     InferenceRequest,
     InferenceResponse,
+    LiveResponse,
     ModelMetadata,
     ReadyResponse,
     RequestInput,
@@ -61,8 +62,8 @@ async def metadata() -> ServerMetadata:
 
 
 @router.get("/health/live", summary="Liveness")
-async def live() -> ReadyResponse:
-    return ReadyResponse(ready=True)
+async def live() -> LiveResponse:
+    return LiveResponse(live=True)
 
 
 @router.get("/health/ready", summary="Readiness (follows /ready)", response_model=ReadyResponse)
