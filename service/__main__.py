@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
         )
     except KeyboardInterrupt:
         pass
-    except (EOFError, ConnectionError, BrokenPipeError):
-        # LitServe's manager process (it holds the shutdown event) died: nothing can be supervised any more
-        log.critical("LitServe's manager process died; stopping the server")
+    except adapter.ManagerGone as exc:
+        log.critical("%s; stopping the server", exc)
         exit_code = 1
     finally:
         adapter.ignore_signals()

@@ -1,8 +1,9 @@
 """Admin API: fine-tune jobs, model versions, activate/rollback, behind the admin bearer token.
 
-These routes run in the API-server processes, which hold no model: they validate uploads,
-write jobs and samples to the registry, and move the ACTIVE pointer. The trainer process
-runs the jobs; the inference workers notice new versions by themselves.
+These routes run in the API-server processes and never touch the model they may hold: they
+validate uploads, write jobs and samples to the registry, and move the ACTIVE pointer. The
+trainer process runs the jobs; every model holder (the API servers on CPU, the inference
+workers otherwise) notices a new ACTIVE by itself.
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ class Settings(BaseSettings):
     api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
     worker_threads: int | None = Field(
         None, ge=1, le=256,
-        description="intra-op threads per model (torch and ONNX Runtime); default: 1 per API server with "
-        "inference=api, else the CPUs this process may use minus one per API server, at least 1 (measured: on 2 "
-        "cores, 2 threads halve throughput)",
+        description="intra-op threads per model (torch and ONNX Runtime); default: 1 in each API server with "
+        "inference=api; in each inference worker the CPUs this process may use minus api_servers x workers, at "
+        "least 1 (measured: on 2 cores, 2 threads halve throughput)",
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
@@ -113,8 +113,8 @@ class Settings(BaseSettings):
         return self.feedback_token.get_secret_value() if self.feedback_token else None
 
     def inference_threads(self) -> int:
-        """Threads for an inference worker's model: the CPUs we may use (affinity/cgroup aware),
-        minus the API servers'."""
+        """Threads for an inference worker's model: the CPUs we may use (affinity aware), minus
+        ``api_servers`` x ``workers``, at least 1; ``worker_threads`` when set."""
         if self.worker_threads:
             return self.worker_threads
         return max(1, len(os.sched_getaffinity(0)) - self.api_servers * self.workers)

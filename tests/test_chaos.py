@@ -15,6 +15,7 @@ import requests
 
 from model.registry import Registry
 from tests.conftest import png_of, wait_until
+from tests.load import Load
 
 TOKEN = "chaos-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,20 +42,7 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
                           feedback_rate=1000, feedback_burst=1000)
     url, images, labels = server.url, *mnist_test
     stop = threading.Event()
-    predictions: list[tuple[float, int | str]] = []
     feedback_ids: list[str] = []
-
-    def predict_client(offset: int) -> None:
-        session, deadline = requests.Session(), time.monotonic() + 120
-        i = offset
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                status = session.post(f"{url}/predict", files={"file": ("d.png", png_of(images[i % 500]))},
-                                      timeout=10).status_code
-            except requests.RequestException as exc:
-                status = type(exc).__name__
-            predictions.append((time.monotonic(), status))
-            i += 7
 
     def feedback_client() -> None:
         session, deadline = requests.Session(), time.monotonic() + 120
@@ -70,37 +58,36 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
             i += 1
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=predict_client, args=(k,)) for k in range(3)]
-    threads.append(threading.Thread(target=feedback_client))
-    for thread in threads:
-        thread.start()
+    feedback = threading.Thread(target=feedback_client, daemon=True)  # bounded: 200 posts, 120 s
+    load = Load(url, [png_of(images[i]) for i in range(500)], clients=3)
     kills: list[float] = []
-    try:
+    job = lambda job_id: get_json(f"{url}/admin/jobs/{job_id}", headers=AUTH)  # noqa: E731
+    with load:
+        feedback.start()
         samples = [{"image": base64.b64encode(png_of(mnist_train[0][i])).decode(), "label": int(mnist_train[1][i])}
                    for i in range(60)]
         jobs = [requests.post(f"{url}/admin/finetune", headers=AUTH, timeout=60,
                               json={"samples": samples, "epochs": e}).json()["job_id"] for e in (20, 1)]
-        time.sleep(2)
-        kills.append(time.monotonic())
+        # the kills begin while a fine-tune runs
+        assert wait_until(lambda: job(jobs[0])["state"] == "running", 60, interval=0.2)
+        assert wait_until(lambda: len(load.outcomes) > 20, 30)
+        kills.append(time.time())
         worker = holders(url)[("worker", 0)]
         os.kill(worker, signal.SIGKILL)
         assert wait_until(lambda: holders(url).get(("worker", 0), worker) != worker, 90, interval=0.2)  # replaced
-        kills.append(time.monotonic())
+        kills.append(time.time())
         os.kill(api_server_pids(server)[0], signal.SIGKILL)
         trainer = [json.loads(line)["pid"] for line in server.log_tail(10**7).splitlines() if '"trainer ready' in line]
-        kills.append(time.monotonic())
+        kills.append(time.time())
         os.kill(trainer[-1], signal.SIGKILL)
         registry = Registry(registry_copy.root)
         model_versions = [m.version for m in registry.list_versions()]
         for version in (model_versions[0], model_versions[-1]):
             assert wait_until(lambda v=version: _activate(url, v), 30, interval=0.2)  # 200: every holder serves it
-        job = lambda job_id: get_json(f"{url}/admin/jobs/{job_id}", headers=AUTH)  # noqa: E731
         assert wait_until(lambda: all(job(j)["state"] in ("succeeded", "rejected", "failed") for j in jobs), 120,
                           interval=0.5)
-    finally:
         stop.set()
-        for thread in threads:
-            thread.join(30)
+        feedback.join(30)
 
     # nothing accepted is lost, the registry is consistent
     registry = Registry(registry_copy.root)
@@ -113,10 +100,10 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
             assert registry.verify_artifact(manifest.version, name), (manifest.version, name)
     assert registry.exists(registry.active_version()) and not any(registry.staging_dir.iterdir())
     # failures only around the kills, never a hang
-    failed = [(t, s) for t, s in predictions if s != 200]
-    assert all(s in (503, "ConnectionError") for _, s in failed), failed[:5]
-    assert all(any(0 <= t - k < 5 for k in kills) for t, _ in failed), failed[:5]
-    assert sum(s == 200 for _, s in predictions) > 100
+    failed = load.failures()
+    assert all(o.status in (503, "ConnectionError") for o in failed), failed[:5]
+    assert all(any(0 <= o.at - k < 5 for k in kills) for o in failed), failed[:5]
+    assert len(load.outcomes) - len(failed) > 100
     assert requests.get(f"{url}/ready", timeout=5).status_code == 200
 
 

@@ -176,6 +176,8 @@ def test_health_metadata_and_config(server, http_client, grpc_client) -> None:
     assert http_client.is_model_ready("digits") and http_client.is_model_ready("digits", "v0001")
     assert grpc_client.is_server_live() and grpc_client.is_server_ready() and grpc_client.is_model_ready("digits")
     assert requests.get(f"{server.url}/ready", timeout=5).status_code == 200
+    assert requests.get(f"{server.url}/v2/health/live", timeout=5).json() == {"live": True}  # as the spec and gRPC
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=5).json() == {"ready": True}
     meta = http_client.get_server_metadata()
     assert meta["name"] == "digit-service" and "binary_tensor_data" in meta["extensions"]
     assert "binary_tensor_data" in grpc_client.get_server_metadata(as_json=True)["extensions"]

@@ -18,6 +18,7 @@ from fastapi import HTTPException
 
 from model.registry import Registry
 from service.inputs import ClientError, digit_from_bytes_async
+from service.predictor import Prediction, Predictor
 from service.settings import Settings
 from service.v2.errors import ProtocolError, bad_request
 from service.v2.schemas import ModelMetadata, ServerMetadata, TensorMetadata
@@ -95,7 +96,7 @@ def check_model(name: str) -> None:
         raise ProtocolError(404, f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
 
 
-def served_version(predictor, registry_root: Path, model_name: str, version: str = "") -> str:
+def served_version(predictor: Predictor, registry_root: Path, model_name: str, version: str = "") -> str:
     """The version that answers now, after checking the model name and a requested version. A
     worker-backed predictor learns its version from its first answer; until then, ACTIVE says."""
     check_model(model_name)
@@ -172,7 +173,7 @@ def pixels_from_array(values: np.ndarray, batch: int) -> np.ndarray:
     return values.reshape(batch, SIDE, SIDE)
 
 
-async def predict(predictor, pixels: np.ndarray):
+async def predict(predictor: Predictor, pixels: np.ndarray) -> Prediction:
     """The predictor's answer; an HTTP error it raises (e.g. 503 while unavailable) keeps its status."""
     try:
         return await predictor.predict(pixels)

@@ -1,6 +1,6 @@
 """``inference.GRPCInferenceService`` on grpc.aio, inside each API-server process.
 
-It runs on the API server's event loop and calls the same ``app.state.predictor`` as the
+It runs on the API server's event loop and calls the same ``predictor_of(app)`` as the
 REST routes and /predict. Every API server binds the same port: gRPC sets SO_REUSEPORT by
 default, so the kernel spreads connections over them.
 """
@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from service import readiness
+from service.predictor import Predictor, predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -71,8 +72,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.app, self.settings = app, settings
 
     @property
-    def predictor(self):
-        return self.app.state.predictor
+    def predictor(self) -> Predictor:
+        return predictor_of(self.app)
 
     def served_version(self, name: str, version: str) -> str:
         return digits.served_version(self.predictor, self.settings.registry, name, version)

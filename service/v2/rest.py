@@ -1,6 +1,6 @@
 """KServe V2 REST routes under /v2, with the binary tensor data extension.
 
-Every route reads ``request.app.state.predictor`` (the same batching path as /predict) and
+Every route calls ``predictor_of(request.app)`` (the same batching path as /predict) and
 answers errors as the spec's ``{"error": "<message>"}``.
 """
 
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from service import readiness
+from service.predictor import predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -21,6 +22,7 @@ from service.v2.schemas import (
     ErrorResponse,
     InferenceRequest,
     InferenceResponse,
+    LiveResponse,
     ModelMetadata,
     ReadyResponse,
     RequestInput,
@@ -44,7 +46,7 @@ def settings_of(request: Request) -> Settings:
 
 
 def served_version(request: Request, model_name: str, version: str = "") -> str:
-    return digits.served_version(request.app.state.predictor, settings_of(request).registry, model_name, version)
+    return digits.served_version(predictor_of(request.app), settings_of(request).registry, model_name, version)
 
 
 def metadata_of(request: Request, model_name: str, version: str = "") -> ModelMetadata:
@@ -65,8 +67,8 @@ async def metadata() -> ServerMetadata:
 
 
 @router.get("/health/live", summary="Liveness")
-async def live() -> ReadyResponse:
-    return ReadyResponse(ready=True)
+async def live() -> LiveResponse:
+    return LiveResponse(live=True)
 
 
 @router.get("/health/ready", summary="Readiness (follows /ready)", response_model=ReadyResponse)
@@ -195,7 +197,7 @@ async def run_inference(request: Request) -> Response:
     outputs = digits.check_outputs(None if payload.outputs is None else [o.name for o in payload.outputs])
     binary_flags = binary_outputs(payload, outputs)
     pixels = await input_pixels(payload.inputs[0], spec, batch, binary, settings)
-    prediction = await digits.predict(request.app.state.predictor, pixels)
+    prediction = await digits.predict(predictor_of(request.app), pixels)
     tensors_out, blobs = [], []
     for (out, array), as_binary in zip(digits.output_arrays(prediction.probabilities, outputs), binary_flags,
                                        strict=True):
