@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import multiprocessing
 import os
 import re
+from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -91,6 +93,20 @@ def heavy_pool() -> ProcessPoolExecutor:
         _heavy_pool = ProcessPoolExecutor(HEAVY_DECODES, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=_background_priority)
     return _heavy_pool
+
+
+@contextlib.asynccontextmanager
+async def heavy_decoding(app: object) -> AsyncIterator[None]:
+    """The API server's lifespan of its decoder processes: stopped with it. (Left to the
+    interpreter's exit, a forked API server waits for them for ever: multiprocessing joins its
+    children before concurrent.futures tells them to stop.)"""
+    global _heavy_pool
+    try:
+        yield
+    finally:
+        pool, _heavy_pool = _heavy_pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:

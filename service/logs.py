@@ -37,6 +37,8 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     root.propagate = False
     # The logging docs' own optimisations: our JSON lines carry neither the caller's file and
-    # line nor thread/process names, so do not collect them (the access log runs per request).
+    # line nor thread names, so do not collect them (the access log runs per request). The
+    # process id stays: LitServe's own format has ``%(process)d``, which fails on None (every
+    # LitServe line would be lost to a "--- Logging error ---"); its file:line reads 0.
     logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logThreads = logging.logMultiprocessing = False
