@@ -38,7 +38,8 @@ def configure_logging(level: str = "info") -> None:
     root.propagate = False
     # The logging docs' own optimisations: our JSON lines carry neither the caller's file and
     # line nor thread names, so do not collect them (the access log runs per request). The
-    # process id stays: LitServe's own format has ``%(process)d``, which fails on None (every
-    # LitServe line would be lost to a "--- Logging error ---"); its file:line reads 0.
+    # process id and name stay: LitServe's own format has ``%(processName)s[%(process)d]``, and
+    # ``%d`` of None fails (every LitServe line was lost to a "--- Logging error ---"); its
+    # ``%(filename)s:%(lineno)d`` reads "(unknown file):0".
     logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
+    logging.logThreads = False

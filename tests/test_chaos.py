@@ -1,13 +1,17 @@
 """Chaos, bounded (about a minute): load from several clients while a worker, an API server and
-the trainer are killed, versions are activated and a fine-tune runs. Afterwards nothing that was
-accepted is lost, the registry is consistent, and only requests in flight at a kill failed."""
+the trainer are killed, versions are activated and a fine-tune runs, and a hostile client holds
+idle connections from another address and leaves requests halfway. Afterwards nothing that was
+accepted is lost, the registry is consistent, only requests in flight at a kill failed, and the
+hostile client caused no 5xx."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -36,9 +40,32 @@ def holders(url: str) -> dict[tuple[str, int], int]:
     return {(h["role"], h["index"]): h["pid"] for h in get_json(f"{url}/ready")["holders"]}
 
 
+IDLE_CONNECTIONS = 80  # held at once from 127.0.0.2: more than DIGITS_MAX_CONNECTIONS=32 of each API server
+
+
+def hostile_client(port: int, stop: threading.Event, png: bytes) -> None:
+    """Holds IDLE_CONNECTIONS silent connections (renewed every second, before the first-byte deadline)
+    and leaves a /predict request mid-body each second; for at most 120 s."""
+    deadline, held = time.monotonic() + 120, []
+    body = b"--b\r\nContent-Disposition: form-data; name=file; filename=d.png\r\n\r\n" + png
+    while not stop.is_set() and time.monotonic() < deadline:
+        for sock in held:
+            sock.close()
+        held = []
+        with contextlib.suppress(OSError):
+            for _ in range(IDLE_CONNECTIONS):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)))
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b"
+                             b"\r\nContent-Length: 100000\r\n\r\n" + body)
+        stop.wait(1.0)
+    for sock in held:
+        sock.close()
+
+
 def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, mnist_train) -> None:
     server = start_server(registry_copy.root, inference="worker", api_servers=2, admin_token=TOKEN,
-                          feedback_rate=1000, feedback_burst=1000)
+                          feedback_rate=1000, feedback_burst=1000, max_connections=32, max_connections_per_client=12)
     url, images, labels = server.url, *mnist_test
     stop = threading.Event()
     predictions: list[tuple[float, int | str]] = []
@@ -72,6 +99,7 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
 
     threads = [threading.Thread(target=predict_client, args=(k,)) for k in range(3)]
     threads.append(threading.Thread(target=feedback_client))
+    threads.append(threading.Thread(target=hostile_client, args=(server.port, stop, png_of(images[0]))))
     for thread in threads:
         thread.start()
     kills: list[float] = []
@@ -118,6 +146,11 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
     assert all(any(0 <= t - k < 5 for k in kills) for t, _ in failed), failed[:5]
     assert sum(s == 200 for _, s in predictions) > 100
     assert requests.get(f"{url}/ready", timeout=5).status_code == 200
+    # the hostile client's requests left halfway count as 499, and nothing counted a 500
+    counted = [line for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+               if line.startswith("digits_http_requests_total{")]
+    assert any('route="/predict"' in line and 'status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), counted
 
 
 def _activate(url: str, version: str) -> bool:
