@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -324,14 +325,31 @@ def test_a_client_leaving_mid_body_counts_as_499(server: ServerProcess) -> None:
     assert counted == {"499": 1, "500": 0}, counted
 
 
+def api_server_and_decoder(server: ServerProcess) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The newest API server (the supervisor logs each pid) and its big-image decoder processes."""
+    pid = [json.loads(line)["pid"] for line in server.log_path.read_text().splitlines()
+           if '"API server ' in line and "started (pid" in line][-1]
+    api_server = psutil.Process(pid)
+    return api_server, [c for c in api_server.children() if "spawn_main" in " ".join(c.cmdline())]
+
+
 def test_sigterm_after_a_large_image_stops_every_process_in_seconds(base_registry, tmp_path: Path,
                                                                     mnist_test) -> None:
-    """The big-image decoder process stops with its API server; LitServe's own log lines are whole."""
+    """The big-image decoder process stops with its API server, even a killed one; LitServe's own
+    log lines are whole."""
     registry = copy_registry(base_registry, tmp_path / "registry")
     server = service_process(registry.root, trainer_enabled="false").start(tmp_path)
     try:
-        response = post_png(server.url, large_png(mnist_test[0][0]))
-        assert response.status_code == 200 and response.json()["digit"] == int(mnist_test[1][0]), response.text
+        png, label = large_png(mnist_test[0][0]), int(mnist_test[1][0])
+        assert post_png(server.url, png).json()["digit"] == label
+        api_server, decoders = api_server_and_decoder(server)
+        assert len(decoders) == 1
+        api_server.kill()  # SIGKILL: it cannot stop its decoder itself
+        assert still_running(decoders, grace=5.0) == []
+        server.wait_ready(60)  # the supervisor's replacement
+
+        response = post_png(server.url, png)
+        assert response.status_code == 200 and response.json()["digit"] == label, response.text
         descendants = server.descendants()
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -343,5 +361,6 @@ def test_sigterm_after_a_large_image_stops_every_process_in_seconds(base_registr
         assert took < 15, took
         log = server.log_path.read_text(errors="replace")
         assert "--- Logging error ---" not in log and "Forcibly killing" not in log, log[-3000:]
+        assert "Shutting down LitServe" in log  # LitServe's own line, no longer lost
     finally:
         server.stop()
