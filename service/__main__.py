@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
             log_level=settings.log_level,
             generate_client_file=False,
             access_log=False,  # ours is structured and carries the request id
-            http=timed_protocol(settings.read_timeout),
-            limit_concurrency=settings.max_connections,
+            http=timed_protocol(settings),  # bounds connections too (uvicorn's limit_concurrency answers text)
         )
     except KeyboardInterrupt:
         pass

@@ -93,7 +93,8 @@ async def samples_from_form(form: FormData, settings: Settings) -> Named:
     archive = form.get("archive")
     if isinstance(archive, UploadFile):
         limits = ArchiveLimits(settings.finetune_max_samples, settings.finetune_max_archive_bytes)
-        return read_image_folder(await archive.read(), archive.filename or "", limits)
+        data = await archive.read()
+        return await asyncio.to_thread(read_image_folder, data, archive.filename or "", limits)  # off the loop
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     labels = [part.strip() for value in form.getlist("labels") if isinstance(value, str)
               for part in value.split(",") if part.strip()]

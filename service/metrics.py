@@ -47,6 +47,9 @@ runtime_info = Gauge(
 )
 model_swaps = Counter("digits_model_swaps", "Hot swaps to a new model version", ["runtime"])
 runtime_fallbacks = Counter("digits_runtime_fallbacks", "Switches from torch.compile to ONNX Runtime")
+connections_refused = Counter(
+    "digits_connections_refused", "Connections over DIGITS_MAX_CONNECTIONS or DIGITS_MAX_CONNECTIONS_PER_CLIENT"
+)
 finetune_jobs = Counter("digits_finetune_jobs", "Fine-tune jobs finished", ["state"])
 
 

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.registry import Registry
-from service import admin, feedback, ops, predict, readiness, v2
+from service import admin, feedback, inputs, ops, predict, readiness, v2
 from service import litserve_adapter as adapter
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -116,6 +116,7 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     app.state.model_holders = ([("worker", i) for i in range(server.worker_count())] if in_worker
                                else [("api", i) for i in range(settings.api_servers)])
     adapter.add_lifespan(app, model_lifespan(server, settings, placement))
+    adapter.add_lifespan(app, inputs.heavy_decoding)
     install_error_handlers(app)
     app.include_router(ops.router)
     app.router.routes.append(Route(predict.PATH, PredictEndpoint(app), methods=["POST"]))  # 405 for others

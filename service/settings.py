@@ -49,8 +49,15 @@ class Settings(BaseSettings):
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
     # limits on what clients send
-    read_timeout: float = Field(10.0, gt=0, le=600, description="seconds a request may take to arrive whole (408)")
+    read_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds a request may take to arrive whole, from its first byte (408)")
+    first_byte_timeout: float = Field(
+        3.0, gt=0, le=600, description="seconds a new connection may wait before its first byte (408; at most "
+        "read_timeout)")
     max_connections: int = Field(1024, ge=1, description="concurrent connections per API server (503 above)")
+    max_connections_per_client: int = Field(
+        128, ge=1, description="concurrent connections of one client address per API server (503 above); behind a "
+        "proxy, set it to max_connections")
     max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
 

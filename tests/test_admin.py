@@ -9,6 +9,7 @@ import tarfile
 import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def tar_of(members: dict[str, bytes], symlink: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def hidden_files_tar(image: bytes, count: int) -> bytes:
+    """A tar.gz of one image, then ``count`` hidden empty files (one header, repeated: quick to make)."""
+    info = tarfile.TarInfo("1/a.png")
+    info.size = len(image)
+    gzip = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [gzip.compress(info.tobuf(tarfile.USTAR_FORMAT) + image + b"\0" * (-len(image) % 512))]
+    hidden = tarfile.TarInfo("1/.hidden").tobuf(tarfile.USTAR_FORMAT) * 1000
+    parts += [gzip.compress(hidden) for _ in range(count // 1000)]
+    return b"".join([*parts, gzip.compress(b"\0" * 1024), gzip.flush()])
+
+
 def zip_bomb() -> bytes:
     """One member that inflates to 300 MB from a few hundred kB."""
     buffer = io.BytesIO()
@@ -139,6 +151,16 @@ def bad_uploads(digit_png: bytes) -> dict[str, tuple[dict, int]]:
         "zip_bomb": (dict(files={"archive": ("bomb.zip", zip_bomb())}), 413),
         "too_many_members": (dict(files={"archive": ("many.zip", zip_of({f"1/{i}.png": digit_png
                                                                             for i in range(12)}))}), 413),
+        # every entry counts against the member cap, skipped ones too
+        "hidden_files_count": (dict(files={"archive": ("h.tar.gz", tar_of({"1/a.png": digit_png,
+                                                                          **{f"1/.h{i}": b"" for i in range(10)}}))}),
+                               413),
+        "folders_count": (dict(files={"archive": ("f.zip", zip_of({"1/a.png": digit_png,
+                                                                   **{f"d{i}/": b"" for i in range(10)}}))}), 413),
+        "resource_forks_count": (dict(files={"archive": ("m.zip", zip_of({"1/a.png": digit_png, **{
+            f"__MACOSX/1/._{i}.png": b"" for i in range(10)}}))}), 413),
+        "many_hidden_files": (dict(files={"archive": ("many.tar.gz", hidden_files_tar(digit_png, 100_000))}),
+                                   413),
         "not_an_archive": (dict(files={"archive": ("d.rar", b"Rar!\x1a\x07\x00 not really")}), 415),
         "wrong_content_type": (dict(data=b"x", headers={"Content-Type": "text/plain"}), 415),
         "feedback_source_without_feedback": (dict(json={"source": "feedback"}), 422),
@@ -151,7 +173,9 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registr
     digit = png_of(mnist_test[0][0])
     for case, (kwargs, status) in bad_uploads(digit).items():
         headers = {**AUTH, **kwargs.pop("headers", {})}
+        started = time.monotonic()
         response = requests.post(f"{server.url}/admin/finetune", headers=headers, timeout=60, **kwargs)
+        print(f"{case}: {response.status_code} in {time.monotonic() - started:.2f} s")
         assert response.status_code == status, (case, response.status_code, response.text)
         assert response.json()["detail"], case
     detail = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=60,
@@ -171,6 +195,31 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(start_server, registr
     assert record["samples"] == 2 and record["options"]["epochs"] == 2
     jobs, samples = stored_state(registry_copy.root)
     assert len(jobs) == 2 and len(samples) == 2  # only the two good uploads
+
+
+def test_health_stays_prompt_while_an_archive_is_read(start_server, registry_copy, mnist_test) -> None:
+    """An archive is read off the event loop: a keep-alive /health client is answered meanwhile."""
+    server = start_server(registry_copy.root, admin_token=TOKEN, finetune_max_samples=50_000, trainer_enabled="false")
+    archive = hidden_files_tar(png_of(mnist_test[0][0]), 40_000)  # under the cap: read whole, accepted
+    outcome: list[requests.Response] = []
+    upload = threading.Thread(target=lambda: outcome.append(requests.post(
+        f"{server.url}/admin/finetune", headers=AUTH, timeout=120, files={"archive": ("a.tar.gz", archive)})))
+    latencies = []
+    with requests.Session() as session:  # one connection, so one API server, the one reading
+        assert session.get(f"{server.url}/health", timeout=5).status_code == 200
+        started = time.monotonic()
+        upload.start()
+        while upload.is_alive() and time.monotonic() - started < 120:
+            sent = time.monotonic()
+            assert session.get(f"{server.url}/health", timeout=30).status_code == 200
+            latencies.append(time.monotonic() - sent)
+            time.sleep(0.02)
+        upload.join(5)
+        took = time.monotonic() - started
+    print(f"upload {took:.2f} s; /health: {len(latencies)} answers, slowest {max(latencies):.3f} s")
+    assert outcome[0].status_code == 202, outcome[0].text
+    assert took > 1.0, "the archive was read too fast for this test to tell anything"
+    assert max(latencies) < min(1.0, took / 3), latencies  # read on the loop, the slowest is about `took`
 
 
 # ------------------------------------------------------------------ the real thing

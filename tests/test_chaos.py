@@ -1,13 +1,17 @@
 """Chaos, bounded (about a minute): load from several clients while a worker, an API server and
-the trainer are killed, versions are activated and a fine-tune runs. Afterwards nothing that was
-accepted is lost, the registry is consistent, and only requests in flight at a kill failed."""
+the trainer are killed, versions are activated and a fine-tune runs, and a hostile client holds
+idle connections from another address and leaves requests halfway. Afterwards nothing that was
+accepted is lost, the registry is consistent, only requests in flight at a kill failed, and the
+hostile client caused no 5xx."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -37,9 +41,32 @@ def holders(url: str) -> dict[tuple[str, int], int]:
     return {(h["role"], h["index"]): h["pid"] for h in get_json(f"{url}/ready")["holders"]}
 
 
+IDLE_CONNECTIONS = 80  # held at once from 127.0.0.2: more than DIGITS_MAX_CONNECTIONS=32 of each API server
+
+
+def hostile_client(port: int, stop: threading.Event, png: bytes) -> None:
+    """Holds IDLE_CONNECTIONS silent connections (renewed every second, before the first-byte deadline)
+    and leaves a /predict request mid-body each second; for at most 120 s."""
+    deadline, held = time.monotonic() + 120, []
+    body = b"--b\r\nContent-Disposition: form-data; name=file; filename=d.png\r\n\r\n" + png
+    while not stop.is_set() and time.monotonic() < deadline:
+        for sock in held:
+            sock.close()
+        held = []
+        with contextlib.suppress(OSError):
+            for _ in range(IDLE_CONNECTIONS):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)))
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b"
+                             b"\r\nContent-Length: 100000\r\n\r\n" + body)
+        stop.wait(1.0)
+    for sock in held:
+        sock.close()
+
+
 def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, mnist_train) -> None:
     server = start_server(registry_copy.root, inference="worker", api_servers=2, admin_token=TOKEN,
-                          feedback_rate=1000, feedback_burst=1000)
+                          feedback_rate=1000, feedback_burst=1000, max_connections=32, max_connections_per_client=12)
     url, images, labels = server.url, *mnist_test
     stop = threading.Event()
     feedback_ids: list[str] = []
@@ -59,11 +86,13 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
             time.sleep(0.05)
 
     feedback = threading.Thread(target=feedback_client, daemon=True)  # bounded: 200 posts, 120 s
+    hostile = threading.Thread(target=hostile_client, args=(server.port, stop, png_of(images[0])), daemon=True)
     load = Load(url, [png_of(images[i]) for i in range(500)], clients=3)
     kills: list[float] = []
     job = lambda job_id: get_json(f"{url}/admin/jobs/{job_id}", headers=AUTH)  # noqa: E731
     with load:
         feedback.start()
+        hostile.start()
         samples = [{"image": base64.b64encode(png_of(mnist_train[0][i])).decode(), "label": int(mnist_train[1][i])}
                    for i in range(60)]
         jobs = [requests.post(f"{url}/admin/finetune", headers=AUTH, timeout=60,
@@ -88,6 +117,7 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
                           interval=0.5)
         stop.set()
         feedback.join(30)
+        hostile.join(30)
 
     # nothing accepted is lost, the registry is consistent
     registry = Registry(registry_copy.root)
@@ -99,6 +129,13 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
         for name in manifest.files:
             assert registry.verify_artifact(manifest.version, name), (manifest.version, name)
     assert registry.exists(registry.active_version()) and not any(registry.staging_dir.iterdir())
+    # the hostile client's idle connections were refused past its bound, its requests left halfway
+    # count as 499, and nothing counted a 500
+    metrics = requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+    counted = [line for line in metrics if line.startswith("digits_http_requests_total{")]
+    assert any('route="/predict"' in line and 'status="499"' in line for line in counted), counted
+    assert not any('status="500"' in line for line in counted), counted
+    assert sum(float(line.split()[-1]) for line in metrics if line.startswith("digits_connections_refused_total")) > 0
     # failures only around the kills, never a hang
     failed = load.failures()
     assert all(o.status in (503, "ConnectionError") for o in failed), failed[:5]

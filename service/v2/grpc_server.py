@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 from fastapi import FastAPI
+from google.protobuf.message import DecodeError
 
 from service import readiness
 from service.predictor import Predictor, predictor_of
@@ -65,6 +66,38 @@ async def input_pixels(request: pb.ModelInferRequest, spec: digits.TensorSpec, b
     values = (tensors.uint8_from_raw(raw[0], count, tensor.name) if raw
               else tensors.uint8_from_values(np.asarray(tensor.contents.uint_contents), count, tensor.name))
     return digits.pixels_from_array(values, batch)
+
+
+def parsing_itself(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """The same unary method, taking the raw bytes and parsing them itself: a message that is not
+    valid protobuf gets INVALID_ARGUMENT (grpc.aio answers a failed parse as UNKNOWN)."""
+    if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        return handler
+    parse, behavior = handler.request_deserializer, handler.unary_unary
+
+    async def parse_then_call(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = parse(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(parse_then_call, response_serializer=handler.response_serializer)
+
+
+class RefusesMalformedMessages(grpc.aio.ServerInterceptor):
+    """Every known method through :func:`parsing_itself` (made once per method)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            handler = parsing_itself(await continuation(details))
+            if handler is not None:  # unknown methods are not kept: clients choose their names
+                self._handlers[details.method] = handler
+        return handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -130,7 +163,8 @@ def address(host: str, port: int) -> str:
 
 async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
     """Start serving on DIGITS_HOST:DIGITS_GRPC_PORT; messages over DIGITS_MAX_BODY_BYTES are refused."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, interceptors=[RefusesMalformedMessages()],
+                             options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.so_reuseport", 1),
     ])

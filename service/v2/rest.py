@@ -6,6 +6,9 @@ answers errors as the spec's ``{"error": "<message>"}``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from service import readiness
+from service.errors import CLIENT_CLOSED_REQUEST, echo
 from service.predictor import predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
@@ -150,7 +154,7 @@ def binary_size(item: RequestInput) -> int | None:
     if item.data is not None:
         raise bad_request(f"input '{item.name}' has both data and parameters.binary_data_size; send one")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise bad_request(f"input '{item.name}': binary_data_size must be a byte count, got {size!r}")
+        raise bad_request(f"input '{item.name}': binary_data_size must be a byte count, got {echo(size)}")
     return size
 
 
@@ -176,7 +180,7 @@ async def input_pixels(item: RequestInput, spec: digits.TensorSpec, batch: int, 
 def flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
     value = parameters.get(name, default)
     if not isinstance(value, bool):
-        raise bad_request(f"parameter {name} must be true or false, got {value!r}")
+        raise bad_request(f"parameter {name} must be true or false, got {echo(value)}")
     return value
 
 
@@ -187,9 +191,36 @@ def binary_outputs(payload: InferenceRequest, outputs: list[digits.TensorSpec]) 
     return [flag(parameters.get(out.name, {}), "binary_data", default) for out in outputs]
 
 
+async def client_gone(request: Request) -> None:
+    """Returns when the client has gone away (call once the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_the_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s answer; if the client goes away first, ``work`` is cancelled (no more decoding
+    or predicting for nobody) and the answer is an empty one that nobody reads."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def run_inference(request: Request) -> Response:
+    body = await request.body()
+    return await unless_the_client_leaves(request, answer(request, body))
+
+
+async def answer(request: Request, body: bytes) -> Response:
     settings = settings_of(request)
-    header, binary = tensors.split_body(await request.body(), request.headers.get(tensors.HEADER_LENGTH))
+    header, binary = tensors.split_body(body, request.headers.get(tensors.HEADER_LENGTH))
     payload = parse_request(header)
     spec, batch = digits.check_input(
         [digits.TensorSpec(i.name, i.datatype, tuple(i.shape)) for i in payload.inputs], digits.max_batch(settings)
