@@ -1,12 +1,14 @@
-"""Fine-tune job records and their samples, persisted in the registry (shared by all processes)."""
+"""Fine-tune job records and their samples, persisted in the registry (shared by all processes).
+
+Samples are safetensors files written from numpy (no torch: a CPU serving replica queues jobs
+for a trainer elsewhere); the trainer reads them into torch."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from model.atomic import atomic_file, atomic_write_bytes
 from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
@@ -27,8 +29,8 @@ class JobStore:
         job_id = new_record_id()
         with atomic_file(self.registry.samples_path(job_id)) as tmp:
             save_file(
-                {"images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-                 "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))},
+                {"images": np.ascontiguousarray(images, dtype=np.uint8),
+                 "labels": np.ascontiguousarray(labels, dtype=np.int64)},
                 str(tmp),
             )
         now = time.time()
@@ -62,6 +64,6 @@ class JobStore:
     def pending_count(self) -> int:
         return sum(1 for r in self.all() if r.state in (JobState.QUEUED, JobState.RUNNING))
 
-    def load_samples(self, job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_samples(self, job_id: str) -> tuple[np.ndarray, np.ndarray]:
         tensors = load_file(str(self.registry.samples_path(job_id)))
         return tensors["images"], tensors["labels"]

@@ -27,11 +27,15 @@ async def health() -> dict:
 def readiness_report(app: FastAPI) -> dict:
     """What /ready says (and the V2 protocol's readiness follows)."""
     expected: list[tuple[str, int]] = app.state.model_holders
-    holders = readiness.read_all(app.state.settings.run_dir)
+    states = readiness.read_all(app.state.settings.run_dir)
+    holders = [state for state in states if "problem" not in state]
+    problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
     body = {"ready": not missing, "holders_ready": len(expected) - len(missing), "holders_expected": len(expected),
             "missing": missing, "holders": holders}
+    if problems:  # why a holder cannot serve (e.g. a version without model.onnx and no torch to export it)
+        body.update(problems=problems, reason="; ".join(sorted(set(problems.values()))))
     if holders:
         first = holders[0]
         body.update(model_version=first["model_version"], runtime=first["runtime"],

@@ -1,8 +1,9 @@
 """Which processes hold a warmed model, told through small files in the run directory.
 
 Each model-holding process (an API server on CPU, an inference worker otherwise) writes
-``ready/<role>-<index>.json`` when its model is warm and again after every swap; the
-supervisor removes the file of a process that died. ``/ready`` (in any API server) reads them.
+``ready/<role>-<index>.json`` when its model is warm and again after every swap, or, while it
+cannot serve, a file whose ``problem`` says why; the supervisor removes the file of a process
+that died. ``/ready`` (in any API server) reads them.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
     record.message = "training"
     store.save(record)
     try:
-        images, labels = store.load_samples(record.job_id)
+        images, labels = map(torch.from_numpy, store.load_samples(record.job_id))
         base, manifest = registry.load_model(record.parent_version)
         test_set = mnist(str(settings.data_dir), False)
 
