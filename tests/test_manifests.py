@@ -247,3 +247,27 @@ def test_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     out = subprocess.run([*check, str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def dockerfile_targets() -> set[str]:
+    return set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE | re.IGNORECASE))
+
+
+def image_tags() -> dict[str, str]:
+    """Image name in the manifests -> the tag the kustomizations give it."""
+    return {entry["name"]: entry["newTag"] for path in K8S.rglob("kustomization.yaml")
+            for entry in yaml.safe_load(path.read_text()).get("images", [])}
+
+
+def test_each_role_runs_its_own_image_a_dockerfile_target() -> None:
+    """Serving runs serve-cpu (no torch), the trainer the trainer image, the GPU overlay cuda."""
+    tags = image_tags()
+    assert set(tags.values()) <= dockerfile_targets()
+    images = {where: tags[container["image"]] for where, container in containers() if "image" in container}
+    assert images == {
+        "base/serving-deployment.yaml:digit-service:wait-for-model": "serve-cpu",
+        "base/serving-deployment.yaml:digit-service:server": "serve-cpu",
+        "base/trainer-deployment.yaml:digit-service-trainer:prepare": "trainer",
+        "base/trainer-deployment.yaml:digit-service-trainer:trainer": "trainer",
+        "gpu/serving-gpu.yaml:digit-service:server": "cuda",
+    }

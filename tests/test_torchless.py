@@ -19,8 +19,9 @@ import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
+from loadtest.serverctl import ServerProcess, settings_env
 from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ort_session
-from model.publish import PARITY_IMAGES, export_version, publish_model
+from model.publish import PARITY_IMAGES, publish_model
 from tests.conftest import ROOT, png_of, post_png, service_process, wait_until
 
 BLOCKED = "torch is not installed (blocked by tests/test_torchless.py)"
@@ -97,10 +98,10 @@ def test_serves_predict_v2_grpc_and_hot_swaps_without_torch(start_torchless, reg
     assert requests.get(f"{server.url}/ready", timeout=5).json()["model_version"] == published.version
 
 
-def test_a_version_without_onnx_is_reported_then_served_once_exported(start_torchless, registry_copy,
-                                                                      mnist_test, data_dir: Path) -> None:
+def test_a_version_without_onnx_is_reported_then_served_once_exported(start_torchless, registry_copy, mnist_test,
+                                                                      data_dir: Path, tmp_path: Path) -> None:
     """Trained elsewhere, no model.onnx: the torch-less replica stays up, unready, and says why in
-    /ready, /predict and its log; it serves as soon as someone with torch exports the file."""
+    /ready, /predict and its log; it serves as soon as the trainer (with torch) has exported the file."""
     registry_copy.onnx_path("v0001").unlink()
     server = start_torchless(registry_copy.root, wait_ready=0)
 
@@ -121,8 +122,15 @@ def test_a_version_without_onnx_is_reported_then_served_once_exported(start_torc
     assert "v0001 has no model.onnx" in server.log_tail(20_000)
     assert server.process.poll() is None  # up, not crash-looping
 
-    export_version(registry_copy, "v0001", data_dir)  # the trainer (with torch) writes the file
-    assert wait_until(lambda: requests.get(f"{server.url}/ready", timeout=2).status_code == 200, 10.0)
+    # the trainer (with torch) exports what the registry's versions lack when it starts
+    trainer = ServerProcess(env=settings_env(registry=registry_copy.root, data_dir=data_dir),
+                            command=[sys.executable, "-m", "service.trainer"]).start(tmp_path, wait_ready=0)
+    try:
+        assert wait_until(lambda: requests.get(f"{server.url}/ready", timeout=2).status_code == 200, 120.0), \
+            trainer.log_tail()
+    finally:
+        trainer.stop()
+    assert registry_copy.verify_artifact("v0001", "model.onnx")
     answer = post_png(server.url, png_of(mnist_test[0][0])).json()
     assert answer["digit"] == int(mnist_test[1][0]) and answer["model_version"] == "v0001"
     assert np.isclose(sum(answer["probabilities"]), 1.0, atol=1e-4)
