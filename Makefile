@@ -71,6 +71,11 @@ lint: install
 	  echo "kubectl kustomize $$dir | kubernetes-validate --strict"; \
 	  kubectl kustomize "$$dir" > "$$rendered" && $(VENV)/bin/kubernetes-validate --strict --quiet "$$rendered" || exit 1; \
 	done
+	@# KServe: its Kubernetes kinds as above, the InferenceService against KServe's own CRD (deploy/kserve/crd)
+	@rendered=$$(mktemp --suffix=.yaml); trap 'rm -f "$$rendered"' EXIT; \
+	echo "kubectl kustomize deploy/kserve | kubernetes-validate --strict, validate_crd.py"; \
+	kubectl kustomize deploy/kserve > "$$rendered" && $(VENV)/bin/kubernetes-validate --strict --quiet "$$rendered" \
+	  && $(PY) deploy/kserve/validate_crd.py "$$rendered"
 
 loadtest: train
 	$(PY) -m loadtest.run_locust
