@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 from service.runtimes import RuntimeOptions
@@ -24,6 +25,7 @@ class Placement:
     reason: str
 
 
+@cache
 def torch_available() -> bool:
     """False where torch is not installed (the serve-cpu image): ONNX Runtime in the API servers only."""
     try:

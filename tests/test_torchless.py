@@ -58,15 +58,17 @@ def start_torchless(tmp_path: Path, no_torch: dict[str, str]):
         server.stop()
 
 
-def biased_version(registry, mnist_test, digit: int):
-    """Publish (with torch, here in the test) a version of the base model that answers ``digit``."""
+def biased_model(registry, digit: int):
+    """The base model (loaded with torch, here in the test), changed to answer ``digit``."""
     model, manifest = registry.load_model("v0001")
     with torch.no_grad():
         model.classifier[-1].bias += 100.0 * torch.nn.functional.one_hot(torch.tensor(digit), 10)
-    return publish_model(registry, model, manifest.arch, mnist_test[0][:PARITY_IMAGES], parent="v0001")
+    return model, manifest.arch
 
 
 def test_serves_predict_v2_grpc_and_hot_swaps_without_torch(start_torchless, registry_copy, mnist_test) -> None:
+    biased, arch = biased_model(registry_copy, digit=3)
+    (registry_copy.version_dir("v0001") / "model.safetensors").unlink()  # serving needs model.onnx + manifest
     server = start_torchless(registry_copy.root)
     ready = requests.get(f"{server.url}/ready", timeout=5)
     assert ready.status_code == 200 and ready.json()["runtime"] == "onnxruntime"
@@ -90,7 +92,7 @@ def test_serves_predict_v2_grpc_and_hot_swaps_without_torch(start_torchless, reg
         assert grpc.is_model_ready("digits")
         assert grpc.infer("digits", [tensor]).as_numpy("digit").tolist() == expected
 
-    published = biased_version(registry_copy, mnist_test, digit=3)
+    published = publish_model(registry_copy, biased, arch, mnist_test[0][:PARITY_IMAGES], parent="v0001")
     png = png_of(images[0])  # a 7
     answer = wait_until(lambda: (r := post_png(server.url, png).json())["model_version"] == published.version and r,
                         5.0, interval=0.05)
