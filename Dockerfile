@@ -37,8 +37,11 @@ EXPOSE 8000 8001
 # ---------------------------------------------------------------- CPU serving: ONNX Runtime, no torch
 FROM python-base AS serve-cpu
 ARG PIP_CERT
+# Then what serving never runs: pip and setuptools, numpy's own test suite.
 # hadolint ignore=DL3013  # every dependency is pinned exactly in pyproject.toml
-RUN pip install '.[serve]'
+RUN pip install '.[serve]' \
+    && python -m pip uninstall --yes pip setuptools \
+    && find /opt/venv -depth -type d -path '*/numpy/*' -name tests -exec rm -rf {} +
 # The model runs in the API servers (ONNX Runtime); fine-tunes run in the trainer image.
 ENV DIGITS_DEVICE=cpu \
     DIGITS_INFERENCE=api \
