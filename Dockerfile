@@ -1,19 +1,18 @@
-# digit-service image: serves the active model on 0.0.0.0:8000 (HTTP) and 0.0.0.0:8001 (gRPC).
-#   CPU (default):  docker build -t digit-service .
-#   CUDA:           docker build -t digit-service:cuda \
-#                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#                     --build-arg TORCH_INDEX=https://pypi.org/simple .
-#   Here, offline from image registries: `make image` (a local Debian base, buildah; see README).
-# Mount a registry at /app/registry to serve existing versions; with none, the first start
-# prepares MNIST and trains the base model (a few minutes).
+# digit-service images, one target per role (all serve HTTP on 0.0.0.0:8000 and gRPC on 8001):
+#   serve-cpu  CPU serving with ONNX Runtime, no torch        docker build --target serve-cpu -t digit-service:serve-cpu .
+#   trainer    fine-tunes and trains (torch), exports ONNX     docker build --target trainer -t digit-service:trainer .
+#   cuda       GPU serving with torch.compile                  docker build --target cuda -t digit-service:cuda .
+# Here, offline from image registries: `make image` (a local Debian base, buildah; see README).
+# The serving images need a registry with an active version mounted at /app/registry; the
+# trainer image makes one (MNIST + base model) on its first start when there is none.
+# PIP_CERT (optional, in every stage that runs pip): a CA bundle for pip behind a TLS-intercepting
+# proxy, mounted at build time (buildah bud -v /etc/ssl/certs:/etc/ssl/certs:ro); a build arg,
+# so not kept in the image.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
 
-# TORCH_INDEX: where the torch wheels come from (CPU-only builds on download.pytorch.org).
-# PIP_CERT (optional): a CA bundle for pip behind a TLS-intercepting proxy, mounted at build
-# time (buildah bud -v /etc/ssl/certs:/etc/ssl/certs:ro); a build arg, so not kept in the image.
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG PIP_CERT
+# ---------------------------------------------------------------- shared: Python, the user, the code
+FROM ${BASE_IMAGE} AS python-base
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -24,27 +23,63 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DIGITS_DATA_DIR=/app/data \
     PATH=/opt/venv/bin:$PATH
 
-# CUDA base images have no Python 3.11; install the distribution's Python there.
-# hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
-    && python3 -m venv /opt/venv \
-    && useradd --create-home --uid 10001 digits
+RUN python3 -m venv /opt/venv \
+    && useradd --create-home --uid 10001 digits \
+    && mkdir -p /app/registry /app/data \
+    && chown -R digits:digits /app
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
-RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.14.1 torchvision==0.29.1 \
-    && pip install . \
-    && mkdir -p /app/registry /app/data \
-    && chown -R digits:digits /app
-
-USER 10001
 EXPOSE 8000 8001
+
+# ---------------------------------------------------------------- CPU serving: ONNX Runtime, no torch
+FROM python-base AS serve-cpu
+ARG PIP_CERT
+# Then what serving never runs: pip and setuptools, numpy's own test suite.
+# hadolint ignore=DL3013  # every dependency is pinned exactly in pyproject.toml
+RUN pip install '.[serve]' \
+    && python -m pip uninstall --yes pip setuptools \
+    && find /opt/venv -depth -type d -path '*/numpy/*' -name tests -exec rm -rf {} +
+# The model runs in the API servers (ONNX Runtime); fine-tunes run in the trainer image.
+ENV DIGITS_DEVICE=cpu \
+    DIGITS_INFERENCE=api \
+    DIGITS_RUNTIME=onnx \
+    DIGITS_TRAINER_ENABLED=false
+USER 10001
+VOLUME ["/app/registry"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status != 200)"]
+CMD ["python", "-m", "service"]
+
+# ---------------------------------------------------------------- torch: the trainer
+FROM python-base AS trainer
+ARG PIP_CERT
+# TORCH_INDEX: where the torch wheels come from: download.pytorch.org's CPU-only builds, a
+# fraction of PyPI's x86_64 wheels, which are CUDA builds (`make image` here: PyPI, the only
+# index reachable).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# hadolint ignore=DL3013  # pinned in pyproject.toml
+RUN pip install --extra-index-url "${TORCH_INDEX}" torch==2.14.1 torchvision==0.29.1 \
+    && pip install '.[serve,train]'
+USER 10001
+VOLUME ["/app/registry", "/app/data"]
+# MNIST and the base model on a fresh volume (skipped when there), then the fine-tune trainer;
+# every version it publishes carries model.onnx, so serve-cpu replicas can serve it.
+CMD ["sh", "-c", "python -m model prepare-data && python -m model train --if-missing && exec python -m service.trainer"]
+
+# ---------------------------------------------------------------- torch on CUDA: GPU serving
+FROM python-base AS cuda
+ARG PIP_CERT
+# PyPI's torch wheels bring the CUDA libraries (nvidia-* wheels); the node brings the driver.
+# hadolint ignore=DL3013  # pinned in pyproject.toml
+RUN pip install '.[cuda]'
+# CUDA batches in LitServe's inference workers, torch.compile (ONNX Runtime if compiling fails)
+ENV DIGITS_DEVICE=cuda \
+    DIGITS_RUNTIME=auto
+USER 10001
 VOLUME ["/app/registry", "/app/data"]
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status != 200)"]
-CMD ["sh", "-c", "python -m model prepare-data && python -m model train --if-missing && exec python -m service"]
+CMD ["python", "-m", "service"]

@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-smoke clean protos
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-base image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -71,6 +71,11 @@ lint: install
 	  echo "kubectl kustomize $$dir | kubernetes-validate --strict"; \
 	  kubectl kustomize "$$dir" > "$$rendered" && $(VENV)/bin/kubernetes-validate --strict --quiet "$$rendered" || exit 1; \
 	done
+	@# KServe: its Kubernetes kinds as above, the InferenceService against KServe's own CRD (deploy/kserve/crd)
+	@rendered=$$(mktemp --suffix=.yaml); trap 'rm -f "$$rendered"' EXIT; \
+	echo "kubectl kustomize deploy/kserve | kubernetes-validate --strict, validate_crd.py"; \
+	kubectl kustomize deploy/kserve > "$$rendered" && $(VENV)/bin/kubernetes-validate --strict --quiet "$$rendered" \
+	  && $(PY) deploy/kserve/validate_crd.py "$$rendered"
 
 loadtest: train
 	$(PY) -m loadtest.run_locust
@@ -100,26 +105,35 @@ bench-preprocess: data
 gpu-bench:
 	bash loadtest/gpu_bench.sh
 
-# The container image, built with buildah from a base made here (no image registry is
-# reachable): mmdebstrap's Debian bookworm + Python 3.11, imported with podman. torch comes
-# from PyPI (its x86_64 wheels are CUDA builds; download.pytorch.org's CPU-only ones are not
+# The container images by role (Dockerfile targets), built with buildah from a base made here
+# (no image registry is reachable): mmdebstrap's Debian bookworm + Python 3.11, imported with
+# podman. serve-cpu has no torch; trainer and cuda get torch from PyPI (its x86_64 wheels are
+# CUDA builds; download.pytorch.org's CPU-only ones, the trainer's default elsewhere, are not
 # reachable here). The CA bundle is mounted for pip at build time, never copied in.
-IMAGE ?= localhost/digit-service:cpu
+IMAGE_NAME ?= localhost/digit-service
+IMAGE_ROLES := serve-cpu trainer cuda
 BASE_IMAGE ?= localhost/digit-service-base:bookworm
 IMAGE_TORCH_INDEX ?= https://pypi.org/simple
-image:
-	deploy/image/make-base.sh $(BASE_IMAGE)
-	@echo "==> building $(IMAGE) with buildah (torch is most of it: 10+ minutes)"
-	nice -n 10 buildah bud --isolation chroot --layers -t $(IMAGE) \
-	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(IMAGE_TORCH_INDEX) \
-	  --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt -v /etc/ssl/certs:/etc/ssl/certs:ro .
-	buildah images $(IMAGE)
+image: $(addprefix image-,$(IMAGE_ROLES))
 
-# Once, by hand (not in CI): serve a copy of the registry from the image as its non-root user,
-# then as the Kubernetes serving pod would (read-only root, the manifests' environment).
+image-base:
+	deploy/image/make-base.sh $(BASE_IMAGE)
+
+image-%: image-base
+	@echo "==> building $(IMAGE_NAME):$* with buildah (with torch: 10+ minutes)"
+	@started=$$(date +%s); \
+	nice -n 10 buildah bud --isolation chroot --layers --target $* -t $(IMAGE_NAME):$* \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(IMAGE_TORCH_INDEX) \
+	  --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt -v /etc/ssl/certs:/etc/ssl/certs:ro . \
+	  && echo "==> $(IMAGE_NAME):$* built in $$(($$(date +%s) - started)) s"
+	buildah images $(IMAGE_NAME):$*
+
+# Once, by hand (not in CI): serve a copy of the registry from serve-cpu as its non-root user
+# (and time container start -> /ready 200), then as the Kubernetes serving pod would (read-only
+# root, the manifests' environment).
 image-smoke:
-	deploy/image/smoke.sh $(IMAGE) $(REGISTRY)
-	deploy/image/pod-smoke.sh $(IMAGE) $(REGISTRY) $(PY)
+	deploy/image/smoke.sh $(IMAGE_NAME):serve-cpu $(REGISTRY)
+	deploy/image/pod-smoke.sh $(IMAGE_NAME):serve-cpu $(REGISTRY) $(PY)
 
 clean:
 	rm -rf reports .pytest_cache

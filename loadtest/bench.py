@@ -166,7 +166,7 @@ def main() -> int:
     args.reports.mkdir(parents=True, exist_ok=True)
     body = multipart_body(args.reports / "bench-body.bin", args.data_dir)
     registry = Registry(private_registry(Path(args.registry), Path(tempfile.mkdtemp(prefix="bench-registry-"))))
-    from model.publish import ensure_onnx
+    from model.onnx_serving import ensure_onnx
 
     model_path = ensure_onnx(registry, registry.active_version(), args.data_dir)
     v2_results = []

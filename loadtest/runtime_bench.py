@@ -15,10 +15,12 @@ import sys
 import numpy as np
 import torch
 
-from model.publish import ensure_onnx
+from model.nets import ProbabilityHead
+from model.onnx_serving import ensure_onnx
 from model.registry import Registry
-from service.runtimes import CompiledTorchRuntime, OnnxRuntime, ProbabilityHead, time_runtime
+from service.runtimes import OnnxRuntime, time_runtime
 from service.settings import Settings
+from service.torch_runtime import CompiledTorchRuntime
 
 BATCHES = (1, 8, 64)
 

@@ -1,12 +1,12 @@
 """ONNX export of the serving contract (uint8 pixels in, probabilities out), with a parity check.
 
 The exported graph is :class:`model.nets.ProbabilityHead` around the net, so ONNX Runtime and
-torch.compile share one definition of normalisation and softmax.
+torch.compile share one definition of normalisation and softmax. The contract (names, metadata)
+and ONNX Runtime sessions are :mod:`model.onnx_serving`'s, which serving uses without torch.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,33 +15,13 @@ import torch
 from torch import nn
 
 from model.nets import ProbabilityHead
+from model.onnx_serving import CONTRACT, INPUT_NAME, OUTPUT_NAME, ort_session
 
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "probabilities"
-# Bumped whenever the graph's inputs or outputs change; a model.onnx with another contract is re-exported.
-CONTRACT = "uint8[N,28,28] white-on-black -> float32 probabilities[N,10]"
 PARITY_MAX_ABS_DIFF = 1e-5
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def ort_threads() -> int:
-    """The CPUs this process may run on (cgroup/affinity aware), for ONNX Runtime's pool."""
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or ort_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    available = ort.get_available_providers()
-    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
 
 
 def export_onnx(model: nn.Module, path: Path, version: str, arch: str) -> None:
@@ -65,12 +45,6 @@ def export_onnx(model: nn.Module, path: Path, version: str, arch: str) -> None:
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
-
-
-def has_current_contract(path: Path) -> bool:
-    """False for a model.onnx exported before the current input/output contract."""
-    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return metadata.get("contract") == CONTRACT
 
 
 def check_parity(model: nn.Module, path: Path, images_uint8: torch.Tensor) -> float:

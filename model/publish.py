@@ -6,7 +6,6 @@ gets the same artifacts.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +15,10 @@ import torch
 from torch import nn
 
 from model import data
-from model.export import export_with_parity, has_current_contract
+from model.export import export_with_parity
 from model.nets import build
 from model.registry import ONNX, Manifest, Registry
 from model.train import EpochStats, EvalResult, TrainConfig, evaluate, train
-
-log = logging.getLogger("digits.publish")
 
 PARITY_IMAGES = 1000
 DEFAULT_EPOCHS = {"digitnet": 5, "simplenet": 5}
@@ -130,15 +127,3 @@ def export_version(registry: Registry, version: str | None = None, data_dir: Pat
         lambda path: diff.append(export_with_parity(model, path, manifest.version, manifest.arch, parity_images)),
     )
     return registry.onnx_path(manifest.version), diff[0]
-
-
-def ensure_onnx(registry: Registry, version: str, data_dir: Path | None = None) -> Path:
-    """The version's model.onnx, re-exported from the weights when missing, corrupt, or exported
-    for an older input/output contract."""
-    if not registry.verify_artifact(version, ONNX):
-        log.warning("model.onnx of %s is missing or corrupt; re-exporting it from the weights", version)
-        export_version(registry, version, data_dir)
-    elif not has_current_contract(registry.onnx_path(version)):
-        log.warning("model.onnx of %s predates the uint8-in, probabilities-out contract; re-exporting it", version)
-        export_version(registry, version, data_dir)
-    return registry.onnx_path(version)

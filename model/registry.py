@@ -18,6 +18,9 @@ Only this module knows the layout: every other module asks a ``Registry`` for it
 Every write goes to a temporary name and is renamed into place (``atomic_file``), so a
 writer killed at any instant leaves the previous state intact. Publishers serialize on a
 file lock (fcntl: the kernel releases it when the holder dies).
+
+torch is imported only by the methods that read or write weights, so a server without torch
+(ONNX Runtime on CPU) reads the registry all the same.
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from model.atomic import atomic_file, atomic_write_bytes
-from model.nets import build
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 VERSION_ID = r"^v([0-9]{4,9})$"  # v0001 ... v999999999: bounded, so no id makes a path too long
 VERSION_PATTERN = re.compile(VERSION_ID)
@@ -158,10 +161,14 @@ class Registry:
         return st.st_ino, st.st_mtime_ns
 
     def load_state_dict(self, version: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
         return load_file(str(self.version_dir(version) / WEIGHTS))
 
     def load_model(self, version: str | None = None) -> tuple[nn.Module, Manifest]:
         """Build the version's architecture with its weights, in eval mode on the CPU."""
+        from model.nets import build
+
         version = version or self.active_version()
         if version is None:
             raise RegistryError(f"{self.root} has no active version; run `python -m model train`")
@@ -216,6 +223,8 @@ class Registry:
     ) -> Manifest:
         """Write a complete version under staging/, rename it into versions/, then (optionally)
         move ACTIVE to it. ``write_artifacts(dir, version)`` adds files such as model.onnx."""
+        from safetensors.torch import save_file
+
         with self.lock:
             self._clear_staging()  # we hold the lock, so anything there is from a dead publisher
             version = self._next_version()

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
-    from model.publish import ensure_onnx
+    from model.onnx_serving import OnnxUnavailable, ensure_onnx
     from model.registry import Registry
     from service import litserve_adapter as adapter
     from service import placement
@@ -72,8 +72,15 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
         print(f"error: {settings.registry} has no active model; run `make train` first", file=sys.stderr)
         return 2
     where = placement.decide(settings)
+    problem = placement.torch_problem(settings, where)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if where.where == "api":
-        ensure_onnx(registry, version, settings.data_dir)  # once here, not in every API server
+        try:
+            ensure_onnx(registry, version, settings.data_dir)  # once here, not in every API server
+        except OnnxUnavailable as exc:  # the API servers start unready, say why, and wait for a servable version
+            log.error("cannot serve the active version yet: %s", exc)
     server = build_server(settings, where) if lit_api_class is None else build_server(settings, where, lit_api_class)
     adapter.interrupt_on_signals(os.getpid())
     exit_code = 0

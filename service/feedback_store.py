@@ -15,9 +15,8 @@ import json
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from filelock import FileLock
-from safetensors.torch import load_file, save
+from safetensors.numpy import load_file, save
 
 from model.atomic import atomic_write_bytes
 from model.registry import Registry, new_record_id
@@ -25,8 +24,7 @@ from service.errors import ClientError
 
 
 def encode_sample(pixels: np.ndarray, label: int) -> bytes:
-    return save({"image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)),
-                 "label": torch.tensor([label], dtype=torch.int64)})
+    return save({"image": np.ascontiguousarray(pixels, dtype=np.uint8), "label": np.array([label], dtype=np.int64)})
 
 
 SAMPLE_BYTES = len(encode_sample(np.zeros((28, 28), np.uint8), 0))  # every sample has this size
@@ -75,7 +73,7 @@ class FeedbackStore:
         images, labels = [], []
         for path in self.registry.feedback_paths():
             tensors = load_file(str(path))
-            images.append(tensors["image"].numpy())
+            images.append(tensors["image"])
             labels.append(int(tensors["label"][0]))
         return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(labels, dtype=np.int64)
 

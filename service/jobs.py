@@ -2,7 +2,9 @@
 
 Every change of a job's state that two processes could race on (submitting against the queue's
 bound, the trainer claiming a job, a cancel) happens under one file lock in the registry, so the
-bound and the positions in the queue are exact across API servers and replicas.
+bound and the positions in the queue are exact across API servers and replicas. Samples are
+safetensors files written from numpy (no torch: a CPU serving replica queues jobs for a trainer
+elsewhere); the trainer reads them into torch.
 """
 
 from __future__ import annotations

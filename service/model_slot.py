@@ -4,6 +4,10 @@ A process (an API server on CPU, an inference worker otherwise) holds one :class
 state, replaced whole under a lock: a prediction always sees one runtime, version and reason.
 A watcher thread polls the registry's ACTIVE pointer (one stat call) and swaps in newly
 activated versions between predictions.
+
+A version that cannot be served here (no model.onnx, and no torch to export one) leaves the
+slot without a model and with a :attr:`ModelSlot.problem` that /ready reports; the watcher
+retries until the file appears or another version is activated.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from model.onnx_serving import OnnxUnavailable
 from model.registry import Registry
 from service import metrics
-from service.runtimes import Choice, CompiledTorchRuntime, Runtime, RuntimeOptions, build_runtime, choose_runtime
+from service.runtimes import Choice, Runtime, RuntimeOptions, build_runtime, choose_runtime, is_compiled
 
 log = logging.getLogger("digits.model")
 SWAP_POLL_SECONDS = 0.25
@@ -35,33 +40,59 @@ class Serving:
         return self.runtime.version
 
 
+class ModelUnavailable(RuntimeError):
+    """The slot has no model to serve (its ``problem`` says why)."""
+
+
 class ModelSlot:
     def __init__(self, registry: Registry, mode: str, options: RuntimeOptions, measure_runs: int = 20,
-                 on_change: Callable[[Serving], None] | None = None) -> None:
-        self.registry, self.mode, self.options = registry, mode, options
+                 on_change: Callable[[Serving], None] | None = None,
+                 on_problem: Callable[[str], None] | None = None) -> None:
+        """``on_change``: after every swap or fallback; ``on_problem``: whenever the reason the
+        slot has no model changes (also at start)."""
+        self.registry, self.mode, self.options, self.measure_runs = registry, mode, options, measure_runs
         self.on_change = on_change or (lambda serving: None)
+        self.on_problem = on_problem or (lambda problem: None)
         self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.serving: Serving | None = None
+        self.problem: str | None = None
         self.marker = registry.active_marker()
         version = registry.active_version()
         if version is None:
             raise RuntimeError(f"registry {registry.root} has no active version; run `make train` first")
-        choice: Choice = choose_runtime(registry, version, mode, options, measure_runs)
-        self.serving = Serving(choice.runtime, choice.reason, choice.code)
-        metrics.set_model_info(version, self.serving.runtime.name)
-        metrics.set_runtime_info(self.serving.runtime.name, self.serving.code)
-        log.info("serving %s on %s with %s (%s)", version, options.device, self.serving.runtime.name,
-                 self.serving.reason)
-        self._stop = threading.Event()
+        try:
+            self._start(version)
+        except OnnxUnavailable as exc:
+            self._wait(str(exc))
+
+    def _start(self, version: str) -> Serving:
+        choice: Choice = choose_runtime(self.registry, version, self.mode, self.options, self.measure_runs)
+        with self.lock:
+            self.serving, self.problem = Serving(choice.runtime, choice.reason, choice.code), None
+        metrics.set_model_info(version, choice.runtime.name)
+        metrics.set_runtime_info(choice.runtime.name, choice.code)
+        log.info("serving %s on %s with %s (%s)", version, self.options.device, choice.runtime.name, choice.reason)
+        return self.serving
+
+    def _wait(self, problem: str) -> None:
+        """No model yet: say why (once per reason); the watcher retries."""
+        if problem != self.problem:
+            log.error("not serving (not ready): %s", problem)
+            self.problem = problem
+            self.on_problem(problem)
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, Serving]:
         """Probabilities for uint8 [n,28,28], and the state that computed them."""
         with self.lock:
             serving = self.serving
+            if serving is None:
+                raise ModelUnavailable(self.problem)
             started = time.perf_counter()
             try:
                 probabilities = serving.runtime.probabilities(pixels)
             except Exception as exc:
-                if not isinstance(serving.runtime, CompiledTorchRuntime):
+                if not is_compiled(serving.runtime):
                     raise
                 log.exception("the compiled model failed; switching to ONNX Runtime")
                 serving = self._fall_back(f"torch.compile failed while serving ({exc}); fallback")
@@ -90,21 +121,28 @@ class ModelSlot:
         self._stop.set()
 
     def _watch(self) -> None:
+        failure = None
         while not self._stop.wait(SWAP_POLL_SECONDS):
             try:
                 self.refresh()
-            except Exception:
-                log.exception("could not swap to the newly activated version; retrying")
+                failure = None
+            except Exception as exc:
+                if str(exc) != failure:  # once per reason, not every poll
+                    log.exception("could not swap to the newly activated version; retrying")
+                    failure = str(exc)
 
     def refresh(self) -> bool:
-        """Swap to the registry's active version if it changed; True when a swap happened. A
-        failure leaves the marker unchanged, so the next poll tries again."""
+        """Swap to the registry's active version if it changed (or, without a model, try again
+        to load one); True when a swap happened. A failure leaves the marker unchanged, so the
+        next poll tries again."""
         marker = self.registry.active_marker()
+        with self.lock:
+            current = self.serving
+        if current is None:
+            return self._retry_start(marker)
         if marker == self.marker:
             return False
         version = self.registry.active_version()
-        with self.lock:
-            current = self.serving
         if version is None or version == current.version:
             self.marker = marker
             return False
@@ -120,9 +158,22 @@ class ModelSlot:
                  time.perf_counter() - started)
         return True
 
+    def _retry_start(self, marker: tuple[int, int] | None) -> bool:
+        version = self.registry.active_version()
+        if version is None:
+            return False
+        try:
+            serving = self._start(version)
+        except OnnxUnavailable as exc:
+            self._wait(str(exc))
+            return False
+        self.marker = marker
+        self.on_change(serving)
+        return True
+
     def _swap(self, current: Serving, version: str) -> Serving | None:
         runtime = current.runtime
-        if isinstance(runtime, CompiledTorchRuntime) and self.registry.get(version).arch == runtime.arch:
+        if is_compiled(runtime) and self.registry.get(version).arch == runtime.arch:
             state_dict = self.registry.load_state_dict(version)
             with self.lock:
                 if self.serving is not current:
@@ -130,9 +181,9 @@ class ModelSlot:
                 runtime.load_weights(state_dict, version)  # same compiled graph, new weights
                 self.serving = replace(current)  # a new state object: the same runtime at its new version
                 return self.serving
-        kind = "torch" if isinstance(runtime, CompiledTorchRuntime) else "onnx"
+        kind = "torch" if is_compiled(runtime) else "onnx"
         replacement = build_runtime(kind, self.registry, version, self.options)
-        if isinstance(replacement, CompiledTorchRuntime):
+        if is_compiled(replacement):
             replacement.warm_up()
         with self.lock:
             if self.serving is not current:

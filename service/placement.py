@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 from service.runtimes import RuntimeOptions
@@ -24,9 +25,21 @@ class Placement:
     reason: str
 
 
+@cache
+def torch_available() -> bool:
+    """False where torch is not installed (the serve-cpu image): ONNX Runtime in the API servers only."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cuda_available() -> bool:
     # NVML-based: answers without initialising CUDA in this process, which forks API servers.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if not torch_available():
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -44,6 +57,21 @@ def decide(settings: Settings) -> Placement:
     if settings.runtime == "torch":
         return Placement("worker", device, "auto: DIGITS_RUNTIME=torch runs in the inference workers")
     return Placement("api", device, "auto: CPU, ONNX Runtime in every API server")
+
+
+def torch_problem(settings: Settings, placement: Placement) -> str | None:
+    """What this configuration needs torch for when torch is not installed, or None."""
+    if torch_available():
+        return None
+    if placement.where == "worker":
+        return (f"the model would run in LitServe's inference workers ({placement.reason}), which need torch, and "
+                "torch is not installed here: serve with DIGITS_INFERENCE=api and DIGITS_RUNTIME=onnx (ONNX Runtime "
+                "in the API servers), or use an image with torch (cuda, trainer)")
+    if settings.trainer_enabled:
+        return ("the fine-tune trainer needs torch, and torch is not installed here: set DIGITS_TRAINER_ENABLED=false "
+                "(a trainer elsewhere, `python -m service.trainer` on the same registry, runs the queued jobs) or "
+                "install digit-service[train]")
+    return None
 
 
 def runtime_options(settings: Settings, device: str, in_api_server: bool = False) -> RuntimeOptions:

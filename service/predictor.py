@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from service import litserve_adapter as adapter
 from service import readiness
 from service.errors import ClientError
-from service.model_slot import ModelSlot
+from service.model_slot import ModelSlot, ModelUnavailable
 from service.worker import ItemResult, WorkItem
 
 log = logging.getLogger("digits.predictor")
@@ -60,12 +60,16 @@ class InProcessPredictor:
         self.slot = slot
 
     async def predict(self, pixels: np.ndarray) -> Prediction:
-        probabilities, serving = self.slot.predict(pixels)
+        try:
+            probabilities, serving = self.slot.predict(pixels)
+        except ModelUnavailable as exc:
+            raise ClientError(503, "model_unavailable", f"no model is served yet: {exc}") from None
         return Prediction(probabilities, serving.version, serving.runtime.name)
 
     @property
     def model_version(self) -> str:
-        return self.slot.serving.version
+        serving = self.slot.serving
+        return serving.version if serving is not None else ""
 
 
 class WorkerPredictor:

@@ -2,9 +2,10 @@
 files in the run directory.
 
 Each model-holding process (an API server on CPU, an inference worker otherwise) writes
-``ready/<role>-<index>.json`` when its model is warm and again after every swap; the
-supervisor removes the file of a process that died. ``/ready``, V2 readiness and metadata,
-``/metrics`` and activation (in any API server) read them through :func:`report`.
+``ready/<role>-<index>.json`` when its model is warm and again after every swap, or, while it
+cannot serve, a file whose ``problem`` says why; the supervisor removes the file of a process
+that died. ``/ready``, V2 readiness and metadata, ``/metrics`` and activation (in any API
+server) read them through :func:`report`.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def report(app: FastAPI) -> dict:
     ACTIVE. ``converged``: ready, and every holder serves the active version (false for the
     fraction of a second a swap takes). ``serving_versions``: what the holders serve now;
     ``model_version``: the one version all of them serve, None while they disagree.
+    ``problems``: why a holder that is up cannot serve (it counts as missing).
     """
     expected: list[tuple[str, int]] = app.state.model_holders
-    holders = read_all(app.state.settings.run_dir)
+    states = read_all(app.state.settings.run_dir)
+    holders = [state for state in states if "problem" not in state]
+    problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
     active = Registry(app.state.settings.registry).active_version()
@@ -85,6 +89,8 @@ def report(app: FastAPI) -> dict:
             "missing": missing, "active_version": active, "serving_versions": serving,
             "converged": not missing and serving == [active], "holders": holders,
             "model_version": active if not missing and serving == [active] else None}
+    if problems:  # why a holder cannot serve (e.g. a version without model.onnx and no torch to export it)
+        body.update(problems=problems, reason="; ".join(sorted(set(problems.values()))))
     if holders:
         first = holders[0]
         body.update(runtime=first["runtime"], runtime_reason=first["runtime_reason"])

@@ -2,6 +2,9 @@
 
 A runtime turns a uint8 batch [n,28,28] (white digit on black) into probabilities [n,10].
 Both run :class:`model.nets.ProbabilityHead`: compiled by torch, or exported to ONNX.
+
+No torch here: the compiled runtime (:mod:`service.torch_runtime`) is imported only when it is
+built, so ONNX Runtime serves where torch is not installed (the ``serve-cpu`` image).
 """
 
 from __future__ import annotations
@@ -13,12 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
-from model.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from model.nets import ProbabilityHead
-from model.publish import ensure_onnx
+from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ensure_onnx, ort_session
 from model.registry import Registry
 
 log = logging.getLogger("digits.runtime")
@@ -32,48 +31,11 @@ class Runtime(Protocol):
     def probabilities(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
-def compile_head(net: nn.Module) -> nn.Module:
-    """The compiled serving graph (one place, so a test can make compiling fail)."""
-    return torch.compile(ProbabilityHead(net), dynamic=False)
+TORCH_COMPILE = "torch-compile"  # the compiled runtime's name
 
 
-class CompiledTorchRuntime:
-    """torch.compile'd model; batches are padded up to fixed bucket sizes so every graph is reused,
-    and batches larger than the largest bucket run in chunks."""
-
-    name = "torch-compile"
-
-    def __init__(self, net: nn.Module, version: str, arch: str, device: str, buckets: list[int]) -> None:
-        self.version, self.arch, self.device, self.buckets = version, arch, torch.device(device), sorted(buckets)
-        self.net = net.to(self.device).eval()
-        self.compiled = compile_head(self.net)
-
-    def _bucket(self, n: int) -> int:
-        return next(size for size in self.buckets if size >= n)
-
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        largest = self.buckets[-1]
-        if len(pixels) > largest:
-            return np.concatenate([self.probabilities(pixels[i : i + largest]) for i in range(0, len(pixels), largest)])
-        n = len(pixels)
-        padded = np.zeros((self._bucket(n), 28, 28), dtype=np.uint8)
-        padded[:n] = pixels
-        with torch.inference_mode():
-            out = self.compiled(torch.from_numpy(padded).to(self.device, non_blocking=True))
-        return out[:n].float().cpu().numpy()
-
-    def warm_up(self, buckets: list[int] | None = None) -> None:
-        for size in buckets or self.buckets:
-            started = time.perf_counter()
-            self.probabilities(np.zeros((size, 28, 28), dtype=np.uint8))
-            log.info("compiled bucket %d in %.1f s", size, time.perf_counter() - started)
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: str) -> None:
-        """Copy new weights into the already-compiled module: same tensors, so no recompilation."""
-        with torch.no_grad():
-            for name, tensor in self.net.state_dict().items():
-                tensor.copy_(state_dict[name])
-        self.version = version
+def is_compiled(runtime: Runtime) -> bool:
+    return runtime.name == TORCH_COMPILE
 
 
 class OnnxRuntime:
@@ -105,6 +67,8 @@ def build_runtime(kind: str, registry: Registry, version: str, options: RuntimeO
     if kind == "onnx":
         path = ensure_onnx(registry, version, options.data_dir)
         return OnnxRuntime(path, version, manifest.arch, options.threads, options.device)
+    from service.torch_runtime import CompiledTorchRuntime
+
     model, _ = registry.load_model(version)
     return CompiledTorchRuntime(model, version, manifest.arch, options.device, list(options.buckets))
 
@@ -157,7 +121,7 @@ def choose_runtime(registry: Registry, version: str, mode: str, options: Runtime
         }
         figures = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
         reason, code = f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured"
-        if timings[OnnxRuntime.name] < timings[CompiledTorchRuntime.name]:
+        if timings[OnnxRuntime.name] < timings[TORCH_COMPILE]:
             return Choice(onnx_runtime, reason, code)
     else:
         reason, code = ("auto on CUDA", "cuda") if mode == "auto" else ("DIGITS_RUNTIME=torch", "configured")

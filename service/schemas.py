@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.finetune import FinetuneOptions
+from model.finetune_options import FinetuneOptions
 from service.labels import Label
 
 

@@ -21,7 +21,6 @@ from service.placement import Placement, runtime_options
 from service.predict import PredictEndpoint
 from service.predictor import InProcessPredictor, WorkerPredictor, serve_with
 from service.settings import Settings
-from service.trainer import start_trainer
 from service.worker import PredictAPI
 
 log = logging.getLogger("digits.server")
@@ -65,10 +64,14 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
                 readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
                                 runtime=serving.runtime.name, runtime_reason=placement.reason)
 
+            def not_ready(problem: str) -> None:
+                readiness.write(settings.run_dir, "api", index, device="cpu", problem=problem)
+
             slot = await asyncio.to_thread(
                 ModelSlot, Registry(settings.registry), "onnx", runtime_options(settings, "cpu", in_api_server=True),
-                on_change=announce)
-            announce(slot.serving)
+                on_change=announce, on_problem=not_ready)
+            if slot.serving is not None:
+                announce(slot.serving)
             slot.start_watching()
             serve_with(app, InProcessPredictor(slot))
             try:
@@ -87,6 +90,12 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
     return lifespan
 
 
+def _start_trainer(settings: Settings):
+    from service.trainer import start_trainer  # torch: imported only where a trainer runs
+
+    return start_trainer(settings)
+
+
 def build_server(settings: Settings, placement: Placement, lit_api_class: type[PredictAPI] = PredictAPI,
                  ) -> adapter.DigitServer:
     """``lit_api_class``: tests pass a subclass to inject faults into the inference workers."""
@@ -103,7 +112,7 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
         lit_api_class(settings, holds_model=in_worker),
         greedy_batching=settings.batching == "greedy",
         on_death=on_death,
-        extra_processes={"trainer": lambda: start_trainer(settings)} if settings.trainer_enabled else None,
+        extra_processes={"trainer": lambda: _start_trainer(settings)} if settings.trainer_enabled else None,
         accelerator="cuda" if placement.device == "cuda" else "cpu",
         workers_per_device=settings.workers if in_worker else 1,
         timeout=settings.request_timeout,

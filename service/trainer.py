@@ -7,6 +7,8 @@ service.trainer``), for a deployment whose serving replicas run with
 across replicas sharing the registry; a second one waits for the lock and takes over when
 the first dies. On taking the lock it marks jobs left ``running`` by a crash as failed.
 SIGTERM stops it: a running job stops at its next training step and is marked failed.
+On taking the lock it also exports model.onnx for every version that lacks it (one trained
+elsewhere), so that replicas without torch (serve-cpu) can serve it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prometheus_client import start_http_server
 
 from model import data
 from model.finetune import finetune
+from model.onnx_serving import ensure_onnx
 from model.publish import PARITY_IMAGES, publish_model
 from model.registry import Registry
 from model.train import EpochStats
@@ -66,7 +69,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
         return stop.is_set() or store.cancel_requested(record.job_id)
 
     try:
-        images, labels = (torch.from_numpy(array) for array in store.load_samples(record.job_id))
+        images, labels = map(torch.from_numpy, store.load_samples(record.job_id))
         base, manifest = registry.load_model(record.parent_version)
         test_set = mnist(str(settings.data_dir), False)
 
@@ -117,6 +120,15 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def export_missing_onnx(registry: Registry, data_dir) -> None:
+    """model.onnx for every version that lacks a current one: what a torch-less replica serves."""
+    for manifest in registry.list_versions():
+        try:
+            ensure_onnx(registry, manifest.version, data_dir)
+        except Exception:
+            log.exception("could not export model.onnx of %s", manifest.version)
+
+
 def run_trainer(settings: Settings, stop: threading.Event) -> None:
     """Wait for the registry's trainer lock, then run queued jobs until ``stop`` is set."""
     registry = Registry(settings.registry)
@@ -135,6 +147,7 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
         return
     try:
         mark_interrupted(store)
+        export_missing_onnx(registry, settings.data_dir)
         log.info("trainer ready (threads=%d)", settings.trainer_threads, extra={"pid": os.getpid()})
         while not stop.is_set():
             record = store.claim_next()

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from service import runtimes
+from service import runtimes, torch_runtime
 from service.__main__ import main
 from service.worker import PredictAPI
 
@@ -49,7 +49,7 @@ class CompileFailsAPI(PredictAPI):
         def compile_head(net):
             raise RuntimeError("torch.compile is broken here (injected by tests.faults)")
 
-        runtimes.compile_head = compile_head
+        torch_runtime.compile_head = compile_head
         super().setup(device)
 
 

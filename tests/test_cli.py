@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from model.export import has_current_contract
+from model.onnx_serving import has_current_contract
 from tests.conftest import DATA_DIR, ROOT
 
 

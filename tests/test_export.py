@@ -9,18 +9,10 @@ import onnx
 import pytest
 import torch
 
-from model.export import (
-    CONTRACT,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ExportError,
-    check_parity,
-    export_with_parity,
-    has_current_contract,
-    ort_session,
-)
+from model.export import ExportError, check_parity, export_with_parity
 from model.nets import build
-from model.publish import PARITY_IMAGES, ensure_onnx, export_version, publish_model
+from model.onnx_serving import CONTRACT, INPUT_NAME, OUTPUT_NAME, ensure_onnx, has_current_contract, ort_session
+from model.publish import PARITY_IMAGES, export_version, publish_model
 from model.registry import Registry
 
 

@@ -9,6 +9,7 @@ service/metrics.py defines, in queries and configs that Prometheus's own ``promt
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -247,3 +248,90 @@ def test_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     out = subprocess.run([*check, str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def dockerfile_targets() -> set[str]:
+    return set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE | re.IGNORECASE))
+
+
+def image_tags() -> dict[str, str]:
+    """Image name in the manifests -> the tag the kustomizations give it."""
+    return {entry["name"]: entry["newTag"] for path in K8S.rglob("kustomization.yaml")
+            for entry in yaml.safe_load(path.read_text()).get("images", [])}
+
+
+def test_each_role_runs_its_own_image_a_dockerfile_target() -> None:
+    """Serving runs serve-cpu (no torch), the trainer the trainer image, the GPU overlay cuda."""
+    tags = image_tags()
+    assert set(tags.values()) <= dockerfile_targets()
+    images = {where: tags[container["image"]] for where, container in containers() if "image" in container}
+    assert images == {
+        "base/serving-deployment.yaml:digit-service:wait-for-model": "serve-cpu",
+        "base/serving-deployment.yaml:digit-service:server": "serve-cpu",
+        "base/trainer-deployment.yaml:digit-service-trainer:prepare": "trainer",
+        "base/trainer-deployment.yaml:digit-service-trainer:trainer": "trainer",
+        "gpu/serving-gpu.yaml:digit-service:server": "cuda",
+    }
+
+
+# ------------------------------------------------------------------ KServe (deploy/kserve)
+
+KSERVE = DEPLOY / "kserve"
+
+
+@pytest.fixture(scope="module")
+def crd_check():
+    """deploy/kserve/validate_crd.py, the validator `make lint` runs."""
+    spec = importlib.util.spec_from_file_location("validate_crd", KSERVE / "validate_crd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inference_service() -> dict:
+    return yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
+
+
+def test_the_inference_service_passes_kserves_own_crd_schema(crd_check) -> None:
+    assert crd_check.problems(inference_service()) == []
+    broken = inference_service()
+    broken["spec"]["predictor"]["minReplica"] = 2  # a typo the API server would drop silently
+    broken["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "8000"
+    broken["spec"]["predictor"]["scaleMetric"] = "gpu"
+    found = " | ".join(crd_check.problems(broken))
+    assert "'minReplica' was unexpected" in found and "containerPort" in found and "'gpu' is not one of" in found
+
+
+def test_the_stored_crd_is_the_one_its_readme_names() -> None:
+    crd = KSERVE / "crd" / "serving.kserve.io_inferenceservices.yaml"
+    digest = hashlib.sha256(crd.read_bytes()).hexdigest()
+    readme = (KSERVE / "crd" / "README.md").read_text()
+    assert f"`{digest}`" in readme and "kserve/kserve" in readme and "v0.20.0" in readme
+
+
+def test_the_predictor_serves_v2_on_http_and_grpc_from_serve_cpu(app_routes: set[str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    predictor = inference_service()["spec"]["predictor"]
+    [container] = predictor["containers"]
+    # KServe's Service exposes the first port on 80 and gives a port named grpc appProtocol h2c
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("http", Settings.model_fields["port"].default), ("grpc", Settings.model_fields["grpc_port"].default)]
+    probes = {key: container[key]["httpGet"] for key in PROBES}
+    assert {probe["port"] for probe in probes.values()} == {"http"}
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert {probe["path"] for probe in probes.values()} <= app_routes
+    kustomization = yaml.safe_load((KSERVE / "kustomization.yaml").read_text())
+    assert {entry["name"]: entry["newTag"] for entry in kustomization["images"]}[container["image"]] == "serve-cpu"
+    claims = {volume["persistentVolumeClaim"]["claimName"] for volume in predictor["volumes"]
+              if "persistentVolumeClaim" in volume}
+    assert claims == {doc["metadata"]["name"] for _, doc in manifests() if doc.get("kind") == "PersistentVolumeClaim"}
+    env = environment(container)
+    assert env["DIGITS_TRAINER_ENABLED"] == "false" and set(env) - NON_DIGITS_ENV <= {
+        f"DIGITS_{name.upper()}" for name in Settings.model_fields}
+    (tmp_path / "token").write_text("s3cret\n")
+    for name in [name for name in os.environ if name.startswith("DIGITS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**env, "DIGITS_ADMIN_TOKEN_FILE": str(tmp_path / "token")}.items():
+        monkeypatch.setenv(name, value)
+    Settings()

@@ -11,8 +11,9 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from model.data import normalize
-from model.publish import ensure_onnx
-from service.runtimes import CompiledTorchRuntime, OnnxRuntime, RuntimeOptions, choose_runtime
+from model.onnx_serving import ensure_onnx
+from service.runtimes import OnnxRuntime, RuntimeOptions, choose_runtime
+from service.torch_runtime import CompiledTorchRuntime
 
 
 def eager_probabilities(model, pixels: np.ndarray) -> np.ndarray:

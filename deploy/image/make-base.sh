@@ -19,12 +19,14 @@ done
 rootfs=$(mktemp -d)/rootfs.tar
 trap 'rm -rf "$(dirname "$rootfs")"' EXIT
 echo "==> mmdebstrap: Debian bookworm with Python 3.11 -> $image"
-# minbase: only Essential + apt; then what a Python service image needs, no recommends;
-# apt lists, docs and man pages are left out to keep the base small.
+# minbase: only Essential + apt; then what a Python service image needs, no recommends (the
+# images' venvs bring their own pip, from python3-venv's wheels); apt lists, docs, man pages
+# and message catalogues are left out to keep the base small.
 # shellcheck disable=SC2016  # the hook expands $1 (the root filesystem), not this shell
 mmdebstrap --variant=minbase --aptopt='APT::Install-Recommends "false"' \
-    --include=python3,python3-venv,python3-pip,ca-certificates \
+    --include=python3,python3-venv,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
     bookworm "$rootfs" http://deb.debian.org/debian
