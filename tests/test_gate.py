@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from model import slices
 from model.finetune import FinetuneOptions, finetune, gate, worse_p_value
+from model.preprocess import prepare_digit
 
 MNIST_SUBSET = 2000  # enough to see a real drop, cheap to evaluate
 
@@ -111,3 +113,49 @@ def test_shuffled_labels_are_rejected(base_model, mnist_train, mnist_test) -> No
     assert not outcome.promoted, outcome.reason
     assert outcome.reason.startswith("rejected")
     assert {"holdout_fixed", "holdout_broken", "holdout_worse_p_value"} <= outcome.after.keys()
+
+
+# ------------------------------------------------------------------ the gate guards every slice
+
+
+@pytest.fixture(scope="module")
+def guarded(mnist_test) -> list[slices.ReadSlice]:
+    images, labels = (t.numpy() for t in mnist_test)
+    return slices.gate_suite(images, labels)
+
+
+def rendered_upload(mnist_train, name: str, size: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` images of slice ``name`` made from MNIST *training* digits (not the suite's),
+    through the preprocessing as an upload is."""
+    images, labels = (t.numpy() for t in mnist_train)
+    read = slices.read_slice(slices.build_slice(name, images, labels, size=size, seed=1), prepare_digit)
+    assert read.readable.all()
+    return torch.from_numpy(read.digits), torch.from_numpy(read.labels)
+
+
+def guarded_finetune(base_model, upload, mnist_train, mnist_test, guarded):
+    images, labels = mnist_test
+    test_subset = (images[:MNIST_SUBSET], labels[:MNIST_SUBSET])
+    return finetune(base_model, *upload, mnist_train, test_subset, FinetuneOptions(), slices=guarded)
+
+
+def test_an_upload_that_helps_one_slice_and_hurts_none_is_promoted(base_model, mnist_train, mnist_test,
+                                                                    guarded) -> None:
+    outcome = guarded_finetune(base_model, rendered_upload(mnist_train, "thin"), mnist_train, mnist_test, guarded)
+    table = outcome.after["slices"]
+    assert outcome.promoted, outcome.reason
+    assert table["thin"]["after"] > table["thin"]["before"] and table["thin"]["fixed"] > table["thin"]["broken"]
+    assert not any(row["worse"] for row in table.values()) and set(table) == {piece.name for piece in guarded}
+    assert "no slice worse" in outcome.reason
+
+
+def test_an_upload_that_quietly_hurts_one_slice_is_rejected_naming_it(base_model, mnist_train, mnist_test,
+                                                                       guarded) -> None:
+    """Printed digits whose 7s are labelled 1: the held-out part agrees with its own labels and
+    MNIST barely moves, but the printed slice reads its 7s as 1s."""
+    digits, labels = rendered_upload(mnist_train, "printed")
+    outcome = guarded_finetune(base_model, (digits, torch.where(labels == 7, 1, labels)), mnist_train, mnist_test,
+                               guarded)
+    table = outcome.after["slices"]
+    assert not outcome.promoted and "worse on slice printed" in outcome.reason, outcome.reason
+    assert table["printed"]["worse"] and table["printed"]["broken"] > table["printed"]["fixed"]
