@@ -20,6 +20,7 @@ Two ways to find the ink:
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 
@@ -231,8 +232,11 @@ def undo_enlargement(pixels: np.ndarray) -> np.ndarray:
     """A small image enlarged by an integer factor, each pixel a k x k block (an 8x8 scan shown
     at 64x64), is read as the small image it is: that is exactly what it shows."""
     height, width = pixels.shape[:2]
-    for factor in range(max(height, width) // 2, 1, -1):
-        if height % factor or width % factor or max(height, width) // factor > SMALL_SIDE:
+    if height < 2 or width < 2 or np.any(pixels[0, 0] != pixels[0, 1]) or np.any(pixels[0, 0] != pixels[1, 0]):
+        return pixels  # the first block is not even 2 x 2 (every photo ends here)
+    common = math.gcd(height, width)
+    for factor in range(common, 1, -1):
+        if common % factor or max(height, width) // factor > SMALL_SIDE:
             continue
         if not np.array_equal(pixels[0], np.repeat(pixels[0, ::factor], factor, axis=0)):
             continue
