@@ -7,9 +7,11 @@ field so that its centre of mass sits at the centre.
 
 Two ways to find the ink:
 
-- Small images (scans, MNIST files, icons; longer side <= ``SMALL_SIDE``) and digital ones
-  (drawings, renders: a flat border) are clean: ink is whatever differs from the border's
-  colour. This path costs tens of microseconds.
+- Small images (scans, MNIST files, icons; longer side <= ``SMALL_SIDE``, also once an exact
+  integer enlargement is undone) and digital ones (drawings, renders: a flat border, or, for
+  crops to the ink box, a border much of which is exactly the image's extreme value) are
+  clean: ink is whatever differs from the border's colour, less pieces the frame cuts off
+  beside a digit that is clear of it. This path costs tens of microseconds.
 - Larger images are treated as photos of paper. The paper's own colour and lighting are
   estimated per channel by a morphological closing (it erases strokes, keeps shadows and
   gradients) and divided out; ink is how much light the darkest channel lost, so blue, red
