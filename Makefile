@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-base image-smoke clean protos
+.PHONY: install data fonts train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-base image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -24,16 +24,22 @@ data: install
 	@echo "==> MNIST in $(DATA_DIR)"
 	$(PY) -m model --data-dir $(DATA_DIR) prepare-data
 
-train: data
+train: data fonts
 	@echo "==> base model in $(REGISTRY) (trained only if the registry has no active version)"
 	$(PY) -m model --data-dir $(DATA_DIR) --registry $(REGISTRY) train --if-missing
 
-retrain: data
+retrain: data fonts
 	$(PY) -m model --data-dir $(DATA_DIR) --registry $(REGISTRY) train
 
 run: train
 	@echo "==> serving on http://127.0.0.1:8000 (Ctrl+C stops it)"
 	$(PY) -m service
+
+# The printed slice of model/slices.py renders digits in the faces of Debian's font packages.
+FONT_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf /usr/share/fonts/truetype/liberation/LiberationSerif-Regular.ttf /usr/share/fonts/truetype/freefont/FreeSerif.ttf
+fonts:
+	@ls $(FONT_FILES) >/dev/null 2>&1 || { echo "==> installing DejaVu, Liberation and FreeFont for the printed slice (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core fonts-liberation fonts-freefont-ttf >/dev/null; }
 
 # The browser test drives Debian's Chromium (never a test tool's own browser download).
 browser:
@@ -51,7 +57,7 @@ replicas: train replicas-tools
 	@echo "==> nginx on http://127.0.0.1:8000 in front of 3 replicas and a trainer on a copy of $(REGISTRY)"
 	$(PY) -m loadtest.replicas
 
-test: train browser replicas-tools
+test: train browser replicas-tools fonts
 	@echo "==> tests"
 	$(PY) -m pytest -ra
 
@@ -99,7 +105,7 @@ soak: train
 bench-runtimes: train
 	$(PY) -m loadtest.runtime_bench
 
-bench-preprocess: data
+bench-preprocess: data fonts
 	$(PY) -m loadtest.preprocess_bench
 
 gpu-bench:

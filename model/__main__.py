@@ -50,6 +50,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     registry = Registry(args.registry)
     model, manifest = registry.load_model(args.version)
+    if args.slices:
+        return print_slices(model, manifest.version, args)
     images, labels = data.load_split(args.data_dir, train=False)
     started = time.perf_counter()
     result = evaluate(model, images, labels)
@@ -60,6 +62,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("      " + " ".join(f"{d:>5}" for d in range(10)))
     for digit, row in enumerate(result.confusion):
         print(f"{digit:>5} " + " ".join(f"{n:>5}" for n in row))
+    return 0
+
+
+def print_slices(model, version: str, args: argparse.Namespace) -> int:
+    """Accuracy per slice with this preprocessing and the first wave's (the frozen reference)."""
+    from loadtest import peer_preprocess
+    from model import slices
+    from model.preprocess import prepare_digit
+
+    images, labels = (t.numpy() for t in data.load_split(args.data_dir, train=False))
+    started = time.perf_counter()
+    suite = slices.build_suite(images, labels, scale=args.scale)
+    columns = {"this wave": slices.accuracies(slices.correct_per_slice(slices.read_suite(suite, prepare_digit), model))}
+    if not args.no_reference:
+        read = slices.read_suite(suite, peer_preprocess.prepare_digit)
+        columns["first wave"] = slices.accuracies(slices.correct_per_slice(read, model))
+    print(f"version {version}: accuracy per slice (MNIST test digits; printed: rendered fonts)")
+    print(slices.format_table(columns, {piece.name: len(piece.labels) for piece in suite}))
+    print(f"({time.perf_counter() - started:.0f} s)")
     return 0
 
 
@@ -96,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix")
     ev.add_argument("--version", default=None, help="default: the active version")
+    ev.add_argument("--slices", action="store_true", help="accuracy per slice of model/slices.py instead")
+    ev.add_argument("--scale", type=float, default=1.0, help="with --slices: slice size factor (quick checks)")
+    ev.add_argument("--no-reference", action="store_true",
+                    help="with --slices: skip the first wave's preprocessing column")
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export", help="(re)write model.onnx for a version, with a parity check")

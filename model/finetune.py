@@ -8,6 +8,14 @@ held-out set is small (tens of images), so two accuracies on it are noise; the t
 an exact McNemar test on the samples one model gets right and the other wrong (under "no
 worse", each such discordant sample is broken by the candidate with probability 1/2), rejecting
 when the one-sided p-value of that many broken samples is below ``holdout_alpha``.
+
+Evidence: with fewer than ``min_holdout_samples`` held-out images no test can tell a worse
+candidate from chance (two images: the smallest p-value is 0.25), so such an upload is not
+promoted, whatever its figures (send at least ``min_holdout_samples / holdout_fraction`` samples).
+
+Slices: the candidate must not be worse than the base on any slice of :mod:`model.slices`
+beyond chance: the same exact McNemar test per slice, Holm's step-down correction over the
+slices so that the chance of rejecting a candidate that hurts no slice stays at ``slice_alpha``.
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from model.finetune_options import FinetuneOptions
+from model.slices import ReadSlice, correct_per_slice
 from model.train import EpochStats, TrainConfig, evaluate, predict_logits, train
 
 
@@ -70,27 +81,67 @@ class Gate:
 
     promoted: bool
     reason: str
-    metrics: dict[str, float | int]
+    metrics: dict[str, Any]
+
+
+def slice_decisions(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+                    alpha: float) -> dict[str, dict[str, Any]]:
+    """Per slice: accuracy before and after, samples fixed and broken, the one-sided McNemar
+    p-value, and whether it is worse (Holm's step-down over all slices at ``alpha``)."""
+    table = {}
+    for name, base_right in before.items():
+        candidate_right = after[name]
+        fixed = int((candidate_right & ~base_right).sum())
+        broken = int((base_right & ~candidate_right).sum())
+        table[name] = {"before": round(float(base_right.mean()), 4), "after": round(float(candidate_right.mean()), 4),
+                       "n": len(base_right), "fixed": fixed, "broken": broken,
+                       "p_value": round(worse_p_value(fixed, broken), 6), "worse": False}
+    ordered = sorted(table, key=lambda name: table[name]["p_value"])
+    for rank, name in enumerate(ordered):
+        if table[name]["p_value"] >= alpha / (len(ordered) - rank):
+            break
+        table[name]["worse"] = True
+    return table
 
 
 def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: float, mnist_after: float,
-         options: FinetuneOptions) -> Gate:
-    """Promote unless MNIST fell by more than the bound or the held-out upload got worse beyond chance."""
+         options: FinetuneOptions, slices_before: dict[str, np.ndarray] | None = None,
+         slices_after: dict[str, np.ndarray] | None = None) -> Gate:
+    """Promote only on enough held-out evidence, and unless MNIST fell by more than the bound,
+    the held-out upload got worse beyond chance, or any slice did."""
     fixed = int((candidate_right & ~base_right).sum())
     broken = int((base_right & ~candidate_right).sum())
     p_value = worse_p_value(fixed, broken)
     held = (f"held-out upload {_pct(_mean(base_right))} -> {_pct(_mean(candidate_right))} "
             f"({fixed} fixed, {broken} broken, p = {p_value:.3g})")
     figures = f"MNIST test {mnist_before:.2%} -> {mnist_after:.2%}, {held}"
-    metrics = {"holdout_fixed": fixed, "holdout_broken": broken, "holdout_worse_p_value": round(p_value, 6),
-               "holdout_alpha": options.holdout_alpha}
+    metrics: dict[str, Any] = {"holdout_fixed": fixed, "holdout_broken": broken,
+                               "holdout_worse_p_value": round(p_value, 6), "holdout_alpha": options.holdout_alpha,
+                               "min_holdout_samples": options.min_holdout_samples}
+    worse_slices: list[str] = []
+    if slices_before is not None and slices_after is not None:
+        metrics["slices"] = slice_decisions(slices_before, slices_after, options.slice_alpha)
+        metrics["slice_alpha"] = options.slice_alpha
+        worse_slices = [name for name, row in metrics["slices"].items() if row["worse"]]
+        figures += f", no slice worse (Holm, alpha {options.slice_alpha})" if not worse_slices else ""
+    failures = []
+    if len(base_right) < options.min_holdout_samples:
+        failures.append(f"too little evidence: {len(base_right)} held-out samples, a promotion needs at least "
+                        f"{options.min_holdout_samples} (upload at least "
+                        f"{math.ceil(options.min_holdout_samples / options.holdout_fraction)} samples)")
     drop = mnist_before - mnist_after
     if drop > options.max_accuracy_drop:
-        reason = f"rejected: MNIST accuracy fell {drop:.2%} (> {options.max_accuracy_drop:.2%}); {figures}"
-        return Gate(False, reason, metrics)
+        failures.append(f"MNIST accuracy fell {drop:.2%} (> {options.max_accuracy_drop:.2%})")
     if p_value < options.holdout_alpha:
-        reason = f"rejected: worse on the held-out upload (p = {p_value:.3g} < {options.holdout_alpha}); {figures}"
-        return Gate(False, reason, metrics)
+        failures.append(f"worse on the held-out upload (p = {p_value:.3g} < {options.holdout_alpha})")
+    if worse_slices:
+        rows = metrics["slices"]
+        failures.append("worse on slice " + ", ".join(
+            f"{name} {rows[name]['before']:.2%} -> {rows[name]['after']:.2%} ({rows[name]['fixed']} fixed, "
+            f"{rows[name]['broken']} broken, p = {rows[name]['p_value']:.3g})" for name in worse_slices)
+            + f" (Holm, alpha {options.slice_alpha})")
+    if failures:
+        return Gate(False, f"rejected: {'; '.join(failures)}; {figures}", metrics)
     return Gate(True, f"promoted: {figures}", metrics)
 
 
@@ -103,8 +154,10 @@ def finetune(
     options: FinetuneOptions,
     on_epoch: Callable[[EpochStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    slices: list[ReadSlice] | None = None,
 ) -> FinetuneOutcome:
-    """Train a copy of ``base`` on uploaded uint8 digits [N,28,28]; decide on promotion."""
+    """Train a copy of ``base`` on uploaded uint8 digits [N,28,28]; decide on promotion
+    (``slices``: the slice suite, read through the preprocessing, for the per-slice gate)."""
     started = time.perf_counter()
     train_x, train_y, hold_x, hold_y = split_holdout(images, labels, options.holdout_fraction, options.seed)
     base_right = correct(base, hold_x, hold_y)
@@ -137,7 +190,10 @@ def finetune(
     after = {"mnist_test_accuracy": accuracy(model, *mnist_test), "holdout_accuracy": _mean(candidate_right)}
     sizes = {"holdout_samples": len(hold_x), "train_samples": len(train_x), "replay_samples": replay_count}
     before.update(sizes)
-    decision = gate(base_right, candidate_right, before["mnist_test_accuracy"], after["mnist_test_accuracy"], options)
+    slices_before = correct_per_slice(slices, base) if slices else None
+    slices_after = correct_per_slice(slices, model) if slices else None
+    decision = gate(base_right, candidate_right, before["mnist_test_accuracy"], after["mnist_test_accuracy"], options,
+                    slices_before, slices_after)
     after.update(sizes, **decision.metrics)
     return FinetuneOutcome(decision.promoted, decision.reason, model, before, after, time.perf_counter() - started)
 

@@ -23,4 +23,13 @@ class FinetuneOptions(BaseModel):
         description="reject when the candidate is worse on the held-out upload at this one-sided significance "
                     "(exact McNemar test on the samples it fixes and breaks)",
     )
+    min_holdout_samples: int = Field(
+        20, ge=5, le=10_000,
+        description="no promotion on fewer held-out samples (with 4 or fewer no test can reject at 0.05)",
+    )
+    slice_alpha: float = Field(
+        0.05, gt=0, le=0.5,
+        description="reject when the candidate is worse on any slice of the slice suite at this family-wise "
+                    "significance (exact McNemar test per slice, Holm's correction)",
+    )
     seed: int = Field(0, ge=0)

@@ -18,6 +18,7 @@ from model import data
 from model.export import export_with_parity
 from model.nets import build
 from model.registry import ONNX, Manifest, Registry
+from model.slices import gate_suite, slice_table
 from model.train import EpochStats, EvalResult, TrainConfig, evaluate, train
 
 PARITY_IMAGES = 1000
@@ -86,6 +87,8 @@ def train_base_model(
     train_seconds = time.perf_counter() - started
     result: EvalResult = evaluate(model, test_images, test_labels)
     print(f"trained in {train_seconds:.0f} s wall time; test accuracy {result.accuracy:.4%}", flush=True)
+    slices = slice_table(gate_suite(test_images.numpy(), test_labels.numpy()), model)
+    print("slices: " + ", ".join(f"{name} {row['accuracy']:.2%}" for name, row in slices.items()), flush=True)
 
     def write_plots(directory: Path) -> None:
         plot_training(history, directory / "training.png")
@@ -101,6 +104,7 @@ def train_base_model(
             "test_accuracy": result.accuracy,
             "per_class_accuracy": result.per_class_accuracy,
             "train_seconds": round(train_seconds, 1),
+            "slices": slices,
             "history": [vars(s) for s in history],
         },
         data_hash=data.data_hash(data_dir),

@@ -33,6 +33,7 @@ from model.finetune import finetune
 from model.onnx_serving import ensure_onnx
 from model.publish import PARITY_IMAGES, publish_model
 from model.registry import Registry
+from model.slices import ReadSlice, gate_suite
 from model.train import EpochStats
 from service import metrics
 from service.jobs import JobStore
@@ -46,6 +47,13 @@ POLL_SECONDS = 0.5
 @cache
 def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return data.load_split(data_dir, train=train)
+
+
+@cache
+def gate_slices(data_dir: str) -> list[ReadSlice]:
+    """The slice suite the gate guards, built and preprocessed once per trainer process."""
+    images, labels = mnist(data_dir, False)
+    return gate_suite(images.numpy(), labels.numpy())
 
 
 def mark_interrupted(store: JobStore) -> None:
@@ -79,7 +87,8 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
             store.save(record)
 
         outcome = finetune(base, images, labels, mnist(str(settings.data_dir), True), test_set,
-                           record.options, on_epoch=progress, should_stop=should_stop)
+                           record.options, on_epoch=progress, should_stop=should_stop,
+                           slices=gate_slices(str(settings.data_dir)))
         if should_stop():
             raise InterruptedError
         record.metrics_before, record.metrics_after = outcome.before, outcome.after
@@ -89,7 +98,9 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                 registry, outcome.model, manifest.arch, test_set[0][:PARITY_IMAGES],
                 parent=manifest.version, job_id=record.job_id,
                 metrics={"test_accuracy": outcome.after["mnist_test_accuracy"], "finetune": outcome.after,
-                         "finetune_before": outcome.before, "finetune_seconds": round(outcome.seconds, 1)},
+                         "finetune_before": outcome.before, "finetune_seconds": round(outcome.seconds, 1),
+                         "slices": {name: {"accuracy": row["after"], "n": row["n"]}
+                                    for name, row in outcome.after["slices"].items()}},
                 data_hash=manifest.data_hash,
                 hyperparameters=record.options.model_dump(),
             )

@@ -36,3 +36,23 @@ def test_a_bad_command_is_a_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "model", "fly"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_evaluate_slices_prints_every_slice_for_both_preprocessings(registry_copy) -> None:
+    from model.slices import SLICE_NAMES
+
+    out = model_cli("--registry", str(registry_copy.root), "evaluate", "--slices", "--scale", "0.05")
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^(\w+)\s+\d+\s+([\d.]+)%\s+([\d.]+)%$", out, re.M)}
+    assert set(rows) == set(SLICE_NAMES), out
+    assert "this wave" in out and "first wave" in out and rows["mnist_png"][0] >= 90
+
+
+def test_a_trained_base_model_records_its_slice_table(tmp_path) -> None:
+    from model.registry import Registry
+    from model.slices import SLICE_NAMES
+
+    model_cli("--registry", str(tmp_path), "train", "--limit", "2000", "--epochs", "1")
+    table = Registry(tmp_path).load_model()[1].metrics["slices"]
+    assert set(table) == set(SLICE_NAMES) and table["mnist_png"]["n"] == 200
+    assert all(0 <= row["accuracy"] <= 1 for row in table.values()) and table["mnist_png"]["accuracy"] > 0.8

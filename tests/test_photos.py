@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import requests
 
+from model.photoset import CONDITIONS, photo_set
 from tests.conftest import png_of, post_png
-from tests.photoset import CONDITIONS, photo_set
 
 PER_CONDITION = 50
 

@@ -191,7 +191,7 @@ def test_cmyk_and_photo_path_read_the_same_digit(model, mnist_test) -> None:
 
 
 def test_a_big_photo_is_decoded_reduced(model, mnist_test) -> None:
-    from tests.photoset import compose
+    from model.photoset import compose
 
     images, labels = mnist_test
     photo = compose(np.random.default_rng(1), images[3].numpy(), "ruled", 4000)

@@ -10,7 +10,7 @@ digit, and a digit photographed at an angle (perspective).
 The image is composed as reflectance (paper x lines x ink, per RGB channel) in a 320 px
 render, warped like a hand-held camera, lit, then scaled, blurred, noised and JPEG-encoded.
 
-    python -m tests.photoset --out DIR [--per-condition 60] [--seed 0]
+    python -m model.photoset --out DIR [--per-condition 60] [--seed 0]
 
 writes DIR/<condition>/<n>_label<d>.jpg (and DIR/<condition>/<n>_label<d>_clean.png, the same
 MNIST digit as a clean scan).
