@@ -82,6 +82,7 @@ class PredictEndpoint:
         except ClientError as exc:
             status = exc.status_code
             headers, body = json_error(status, exc.code, exc.detail, request_id)
+            headers += [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
         except ConnectionResetError:
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -83,7 +83,7 @@ class WorkerPredictor:
         self.model_version = ""  # what the workers announce (their readiness files), as /ready reports
 
     async def predict(self, pixels: np.ndarray) -> Prediction:
-        worker = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        worker = self._least_loaded_ready_worker()
         self.in_flight[worker] += 1
         try:
             result: ItemResult = await adapter.submit(
@@ -100,18 +100,32 @@ class WorkerPredictor:
             raise ClientError(500, "inference_failed", result.error)
         return Prediction(result.probabilities, result.model_version, result.runtime)
 
+    def _least_loaded_ready_worker(self) -> int:
+        """A worker with a warm model; none (one is starting or being replaced, which under load
+        can take many seconds): a 503 at once, not a request left waiting in a dead queue."""
+        if not self.worker_pids:
+            self.refresh_workers()  # the watcher may not have ticked since the workers came up
+        ready = [index for index in range(len(self.in_flight)) if index in self.worker_pids]
+        if not ready:
+            raise ClientError(503, "no_worker", "no inference worker is ready (starting or being replaced); retry",
+                              headers={"Retry-After": "1"})
+        return min(ready, key=self.in_flight.__getitem__)
+
     async def watch_workers(self) -> None:
-        """Follow the workers' readiness files: the version they serve, and dead workers (their
-        file goes or their pid changes), whose held requests are failed."""
         while True:
             await asyncio.sleep(WORKER_WATCH_SECONDS)
-            workers = [s for s in readiness.read_all(self.run_dir) if s["role"] == "worker"]
-            alive = {s["index"]: s["pid"] for s in workers}
-            if workers:
-                self.model_version = workers[0]["model_version"]
-            for index, pid in self.worker_pids.items():
-                if alive.get(index) != pid:
-                    failed = adapter.fail_requests_held_by(self.server, index)
-                    if failed:
-                        log.error("inference worker %d is gone; answered its %d request(s) with 503", index, failed)
-            self.worker_pids = alive
+            self.refresh_workers()
+
+    def refresh_workers(self) -> None:
+        """Follow the workers' readiness files: the version they serve, and dead workers (their
+        file goes or their pid changes), whose held requests are failed."""
+        workers = [s for s in readiness.read_all(self.run_dir) if s["role"] == "worker"]
+        alive = {s["index"]: s["pid"] for s in workers}
+        if workers:
+            self.model_version = workers[0]["model_version"]
+        for index, pid in self.worker_pids.items():
+            if alive.get(index) != pid:
+                failed = adapter.fail_requests_held_by(self.server, index)
+                if failed:
+                    log.error("inference worker %d is gone; answered its %d request(s) with 503", index, failed)
+        self.worker_pids = alive

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import requests
 
+BACKOFF_ON_503 = 0.05  # as a client honouring Retry-After would, a little: no busy loop of refusals
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -47,7 +49,7 @@ class Load:
                 outcome = Outcome(time.time(), type(exc).__name__, repr(exc), "")
             self.outcomes.append(outcome)
             i += step
-            self._stop.wait(self.pause)
+            self._stop.wait(max(self.pause, BACKOFF_ON_503 if outcome.status == 503 else 0.0))
 
     def __enter__(self) -> Load:
         for thread in self._threads:

@@ -104,7 +104,7 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
         worker = holders(url)[("worker", 0)]
         os.kill(worker, signal.SIGKILL)
         assert wait_until(lambda: holders(url).get(("worker", 0), worker) != worker, 90, interval=0.2)  # replaced
-        kills.append(time.time())
+        kills.append(time.time())  # the API server, once the new worker is warm
         os.kill(api_server_pids(server)[0], signal.SIGKILL)
         trainer = [json.loads(line)["pid"] for line in server.log_tail(10**7).splitlines() if '"trainer ready' in line]
         kills.append(time.time())
@@ -136,10 +136,11 @@ def test_chaos_loses_nothing_accepted(start_server, registry_copy, mnist_test, m
     assert any('route="/predict"' in line and 'status="499"' in line for line in counted), counted
     assert not any('status="500"' in line for line in counted), counted
     assert sum(float(line.split()[-1]) for line in metrics if line.startswith("digits_connections_refused_total")) > 0
-    # failures only around the kills, never a hang
+    # failures only from the first kill (the worker: 503 at once until its replacement is warm, which
+    # under this load takes many seconds) to 5 s after the last, and never a hang
     failed = load.failures()
     assert all(o.status in (503, "ConnectionError") for o in failed), failed[:5]
-    assert all(any(0 <= o.at - k < 5 for k in kills) for o in failed), failed[:5]
+    assert all(kills[0] <= o.at < kills[-1] + 5 for o in failed), failed[:5]
     assert len(load.outcomes) - len(failed) > 100
     assert requests.get(f"{url}/ready", timeout=5).status_code == 200
 
