@@ -13,6 +13,7 @@ import time
 
 import requests
 
+from service.predictor import WORKER_WATCH_SECONDS
 from tests.conftest import png_of, post_png, wait_until
 from tests.load import Load
 
@@ -34,7 +35,9 @@ def test_a_killed_inference_worker_is_replaced_and_its_requests_answered(start_s
         killed_at = time.time()
         os.kill(old_pid, signal.SIGKILL)
         assert wait_until(lambda: _ready_code(server) == 503, 1.5, interval=0.02)  # /ready tells at once
-        # while the replacement starts (seconds; many under load) a request is refused at once, not queued
+        # while the replacement starts (seconds; many under load) a request is refused at once, not queued;
+        # the API servers see the death on their watcher's next tick
+        time.sleep(3 * WORKER_WATCH_SECONDS)
         asked = time.monotonic()
         during = post_png(server.url, png_of(mnist_test[0][0]), timeout=10)
         assert during.status_code == 503 and during.json()["error"] == "no_worker", during.text
