@@ -232,7 +232,9 @@ class Topology:
             replica_port = free_port()
             self.replicas.append(Replica(
                 f"replica-{index}", [sys.executable, "-m", "service"], logs / f"replica-{index}.log",
+                # every request arrives from nginx's one address: the per-address bound is nginx's job
                 env={**shared, "DIGITS_PORT": str(replica_port), "DIGITS_TRAINER_ENABLED": "false",
+                     "DIGITS_MAX_CONNECTIONS_PER_CLIENT": "1024",
                      "DIGITS_API_SERVERS": "1", "DIGITS_RUN_DIR": str(root / "run" / f"replica-{index}")},
                 port=replica_port))
         self.trainer_metrics_port = free_port()
