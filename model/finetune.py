@@ -118,6 +118,8 @@ def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: 
     metrics: dict[str, Any] = {"holdout_fixed": fixed, "holdout_broken": broken,
                                "holdout_worse_p_value": round(p_value, 6), "holdout_alpha": options.holdout_alpha,
                                "min_holdout_samples": options.min_holdout_samples}
+    if slices_before is not None:
+        metrics["guard_slices"] = options.guard_slices
     worse_slices: list[str] = []
     if slices_before is not None and slices_after is not None:
         metrics["slices"] = slice_decisions(slices_before, slices_after, options.slice_alpha)
@@ -136,10 +138,14 @@ def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: 
         failures.append(f"worse on the held-out upload (p = {p_value:.3g} < {options.holdout_alpha})")
     if worse_slices:
         rows = metrics["slices"]
-        failures.append("worse on slice " + ", ".join(
+        worse = "worse on slice " + ", ".join(
             f"{name} {rows[name]['before']:.2%} -> {rows[name]['after']:.2%} ({rows[name]['fixed']} fixed, "
-            f"{rows[name]['broken']} broken, p = {rows[name]['p_value']:.3g})" for name in worse_slices)
-            + f" (Holm, alpha {options.slice_alpha})")
+            f"{rows[name]['broken']} broken, p = {rows[name]['p_value']:.3g})" for name in worse_slices
+        ) + f" (Holm, alpha {options.slice_alpha})"
+        if options.guard_slices:
+            failures.append(worse)
+        else:
+            figures += f", slices not guarded (guard_slices false): {worse}"
     if failures:
         return Gate(False, f"rejected: {'; '.join(failures)}; {figures}", metrics)
     return Gate(True, f"promoted: {figures}", metrics)

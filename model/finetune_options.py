@@ -32,4 +32,8 @@ class FinetuneOptions(BaseModel):
         description="reject when the candidate is worse on any slice of the slice suite at this family-wise "
                     "significance (exact McNemar test per slice, Holm's correction)",
     )
+    guard_slices: bool = Field(
+        True, description="false: a slice worse beyond chance is reported in the record and the reason but does "
+                          "not block the promotion (a deliberate trade, e.g. teaching a new domain)",
+    )
     seed: int = Field(0, ge=0)

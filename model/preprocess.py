@@ -240,7 +240,9 @@ def undo_enlargement(pixels: np.ndarray) -> np.ndarray:
     for factor in range(common, 1, -1):
         if common % factor or max(height, width) // factor > SMALL_SIDE:
             continue
-        if not np.array_equal(pixels[0], np.repeat(pixels[0, ::factor], factor, axis=0)):
+        row, column = pixels[height // 2], pixels[:, width // 2]  # through the digit: most images fail here
+        if not (np.array_equal(row, np.repeat(row[::factor], factor, axis=0))
+                and np.array_equal(column, np.repeat(column[::factor], factor, axis=0))):
             continue
         small = pixels[::factor, ::factor]
         if np.array_equal(np.repeat(np.repeat(small, factor, axis=0), factor, axis=1), pixels):

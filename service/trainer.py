@@ -49,9 +49,18 @@ def mnist(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return data.load_split(data_dir, train=train)
 
 
-@cache
+_gate_slices_lock = threading.Lock()
+
+
 def gate_slices(data_dir: str) -> list[ReadSlice]:
-    """The slice suite the gate guards, built and preprocessed once per trainer process."""
+    """The slice suite the gate guards, built and preprocessed once per trainer process (a job
+    that needs it while it is being made waits for it)."""
+    with _gate_slices_lock:
+        return _made_gate_slices(data_dir)
+
+
+@cache
+def _made_gate_slices(data_dir: str) -> list[ReadSlice]:
     images, labels = mnist(data_dir, False)
     return gate_suite(images.numpy(), labels.numpy())
 
@@ -159,6 +168,8 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
     try:
         mark_interrupted(store)
         export_missing_onnx(registry, settings.data_dir)
+        # The gate's slice suite is made while the queue is empty, not in the first job's time.
+        threading.Thread(target=gate_slices, args=(str(settings.data_dir),), daemon=True).start()
         log.info("trainer ready (threads=%d)", settings.trainer_threads, extra={"pid": os.getpid()})
         while not stop.is_set():
             record = store.claim_next()

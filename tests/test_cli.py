@@ -54,5 +54,5 @@ def test_a_trained_base_model_records_its_slice_table(tmp_path) -> None:
 
     model_cli("--registry", str(tmp_path), "train", "--limit", "2000", "--epochs", "1")
     table = Registry(tmp_path).load_model()[1].metrics["slices"]
-    assert set(table) == set(SLICE_NAMES) and table["mnist_png"]["n"] == 200
+    assert set(table) == set(SLICE_NAMES) and table["mnist_png"]["n"] == 400
     assert all(0 <= row["accuracy"] <= 1 for row in table.values()) and table["mnist_png"]["accuracy"] > 0.8

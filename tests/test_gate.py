@@ -133,10 +133,10 @@ def rendered_upload(mnist_train, name: str, size: int = 300) -> tuple[torch.Tens
     return torch.from_numpy(read.digits), torch.from_numpy(read.labels)
 
 
-def guarded_finetune(base_model, upload, mnist_train, mnist_test, guarded):
+def guarded_finetune(base_model, upload, mnist_train, mnist_test, guarded, **options):
     images, labels = mnist_test
     test_subset = (images[:MNIST_SUBSET], labels[:MNIST_SUBSET])
-    return finetune(base_model, *upload, mnist_train, test_subset, FinetuneOptions(), slices=guarded)
+    return finetune(base_model, *upload, mnist_train, test_subset, FinetuneOptions(**options), slices=guarded)
 
 
 def test_an_upload_that_helps_one_slice_and_hurts_none_is_promoted(base_model, mnist_train, mnist_test,
@@ -151,11 +151,15 @@ def test_an_upload_that_helps_one_slice_and_hurts_none_is_promoted(base_model, m
 
 def test_an_upload_that_quietly_hurts_one_slice_is_rejected_naming_it(base_model, mnist_train, mnist_test,
                                                                        guarded) -> None:
-    """Printed digits whose 7s are labelled 1: the held-out part agrees with its own labels and
-    MNIST barely moves, but the printed slice reads its 7s as 1s."""
-    digits, labels = rendered_upload(mnist_train, "printed")
+    """Printed digits, a third of them 7s labelled 1: the held-out part agrees with its own labels
+    and the MNIST bound lets it pass, but the printed slice reads its 7s as 1s. (Learning printed
+    shapes also costs the tall and 8x8 slices here; the gate names every slice it finds worse.)"""
+    digits, labels = rendered_upload(mnist_train, "printed", size=900)
+    pick = torch.cat([torch.nonzero(labels == 7)[:, 0][:100], torch.nonzero(labels != 7)[:, 0][:200]])
+    digits, labels = digits[pick], labels[pick]
     outcome = guarded_finetune(base_model, (digits, torch.where(labels == 7, 1, labels)), mnist_train, mnist_test,
                                guarded)
     table = outcome.after["slices"]
-    assert not outcome.promoted and "worse on slice printed" in outcome.reason, outcome.reason
+    assert not outcome.promoted and " printed " in outcome.reason.split(";")[0], outcome.reason
+    assert outcome.after["holdout_worse_p_value"] >= 0.05  # the upload's own held-out part sees no harm
     assert table["printed"]["worse"] and table["printed"]["broken"] > table["printed"]["fixed"]
