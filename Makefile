@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile gpu-bench image image-base image-smoke clean protos
+.PHONY: install data train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-base image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -91,6 +91,10 @@ bench-finetune: train
 bench-hostile: train
 	@command -v hey >/dev/null || (echo "==> installing the load generator hey" && apt-get install -y hey)
 	$(PY) -m loadtest.hostile_bench
+
+# Memory over time: mixed traffic for a few minutes (at most 10), each process's RSS and its slope.
+soak: train
+	$(PY) -m loadtest.soak
 
 bench-runtimes: train
 	$(PY) -m loadtest.runtime_bench

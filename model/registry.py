@@ -102,6 +102,7 @@ class Registry:
         self.feedback_index = self.feedback_dir / "INDEX.json"
         self.feedback_lock_path = self.feedback_dir / ".lock"
         self.trainer_lock_path = self.root / ".trainer.lock"
+        self.jobs_lock_path = self.jobs_dir / ".lock"
         for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock: FileLock | None = None
@@ -186,6 +187,10 @@ class Registry:
 
     def job_paths(self) -> list[Path]:
         return list(self.jobs_dir.glob("*.json"))
+
+    def cancel_path(self, job_id: str) -> Path:
+        """Present while a running job is asked to stop (the trainer polls it between batches)."""
+        return self.jobs_dir / f"{job_id}.cancel"
 
     def samples_path(self, job_id: str) -> Path:
         return self.samples_dir / f"{job_id}.safetensors"

@@ -94,14 +94,12 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
             log_level=settings.log_level,
             generate_client_file=False,
             access_log=False,  # ours is structured and carries the request id
-            http=timed_protocol(settings.read_timeout),
-            limit_concurrency=settings.max_connections,
+            http=timed_protocol(settings),  # bounds connections too (uvicorn's limit_concurrency answers text)
         )
     except KeyboardInterrupt:
         pass
-    except (EOFError, ConnectionError, BrokenPipeError):
-        # LitServe's manager process (it holds the shutdown event) died: nothing can be supervised any more
-        log.critical("LitServe's manager process died; stopping the server")
+    except adapter.ManagerGone as exc:
+        log.critical("%s; stopping the server", exc)
         exit_code = 1
     finally:
         adapter.ignore_signals()

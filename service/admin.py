@@ -1,28 +1,33 @@
 """Admin API: fine-tune jobs, model versions, activate/rollback, behind the admin bearer token.
 
-These routes run in the API-server processes, which hold no model: they validate uploads,
-write jobs and samples to the registry, and move the ACTIVE pointer. The trainer process
-runs the jobs; the inference workers notice new versions by themselves.
+These routes run in the API-server processes and never touch the model they may hold: they
+validate uploads, write jobs and samples to the registry, and move the ACTIVE pointer. The
+trainer process runs the jobs; every model holder (the API servers on CPU, the inference
+workers otherwise) notices a new ACTIVE by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from model.preprocess import ImageProblem, prepare_digit
 from model.registry import RECORD_ID, VERSION_ID, RegistryError
+from service import readiness
 from service.archives import ArchiveLimits, read_image_folder
 from service.auth import require_admin
 from service.bodies import read_body
 from service.errors import ClientError, validation_detail
 from service.feedback_store import FeedbackStore
 from service.inputs import decode_base64
+from service.jobs import JobFinished, QueueFull
 from service.labels import parse_label
 from service.schemas import (
     ActivateResponse,
@@ -31,6 +36,7 @@ from service.schemas import (
     FinetuneOptions,
     JobAccepted,
     JobRecord,
+    JobState,
     ModelEntry,
     inline_schema,
 )
@@ -41,6 +47,8 @@ OPTION_FIELDS = tuple(FinetuneOptions.model_fields)
 Named = list[tuple[str, int, bytes]]  # (sample name, label, image bytes)
 JobId = Annotated[str, Path(pattern=RECORD_ID, description="a job id, like 20260101120000a1b2c3d4")]
 Version = Annotated[str, Path(pattern=VERSION_ID, description="a version id, like v0001")]
+ACTIVATE_POLL_SECONDS = 0.05
+QUEUE_FULL_RETRY_SECONDS = 30  # about one fine-tune of a few hundred samples here
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -85,7 +93,8 @@ async def samples_from_form(form: FormData, settings: Settings) -> Named:
     archive = form.get("archive")
     if isinstance(archive, UploadFile):
         limits = ArchiveLimits(settings.finetune_max_samples, settings.finetune_max_archive_bytes)
-        return read_image_folder(await archive.read(), archive.filename or "", limits)
+        data = await archive.read()
+        return await asyncio.to_thread(read_image_folder, data, archive.filename or "", limits)  # off the loop
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     labels = [part.strip() for value in form.getlist("labels") if isinstance(value, str)
               for part in value.split(",") if part.strip()]
@@ -146,6 +155,7 @@ async def training_data(named: Named | None, settings: Settings,
         "multipart/form-data": {"schema": MULTIPART_FORM},
         "application/json": {"schema": inline_schema(FinetuneJSON)}}}},
     responses={413: {"model": ErrorBody, "description": "body, archive or sample count over the limit"},
+               429: {"model": ErrorBody, "description": "the job queue is full (Retry-After says when to retry)"},
                415: {"model": ErrorBody, "description": "not multipart or JSON; not a zip/tar.gz; not an image"},
                422: {"model": ErrorBody, "description": "bad label, option, sample, archive layout or base64"}},
 )
@@ -153,8 +163,14 @@ async def submit_finetune(request: Request, settings: SettingsDep, jobs: JobsDep
                           feedback: FeedbackStoreDep) -> JobAccepted:
     named, options, source = await read_upload(request, settings)
     images, labels = await training_data(named, settings, feedback)
-    ahead = jobs.pending_count()
-    record = await asyncio.to_thread(jobs.create, images, labels, options, source)
+    try:
+        record, ahead = await asyncio.to_thread(jobs.create, images, labels, options, source,
+                                                settings.finetune_max_queued)
+    except QueueFull as full:
+        raise ClientError(429, "queue_full",
+                          f"{full.args[0]} fine-tune jobs are queued or running (DIGITS_FINETUNE_MAX_QUEUED="
+                          f"{settings.finetune_max_queued}); retry when one has finished",
+                          headers={"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)}) from None
     message = (f"queued behind {ahead} job(s); one job trains at a time" if ahead
                else "queued; training starts within a second")
     return JobAccepted(job_id=record.job_id, status_url=f"/admin/jobs/{record.job_id}", state=record.state,
@@ -178,6 +194,21 @@ async def get_job(job_id: JobId, jobs: JobsDep) -> JobRecord:
         raise ClientError(404, "unknown_job", f"no job {job_id!r}") from None
 
 
+@router.delete("/jobs/{job_id}", response_model=JobRecord,
+               summary="Cancel a job: a queued one at once, a running one at its next batch; nothing is published",
+               responses={202: {"model": JobRecord, "description": "running: it stops at the next batch"},
+                          404: {"model": ErrorBody, "description": "no such job"},
+                          409: {"model": ErrorBody, "description": "the job has finished already"}})
+async def cancel_job(job_id: JobId, jobs: JobsDep) -> JSONResponse:
+    try:
+        record = await asyncio.to_thread(jobs.cancel, job_id)
+    except KeyError:
+        raise ClientError(404, "unknown_job", f"no job {job_id!r}") from None
+    except JobFinished as finished:
+        raise ClientError(409, "job_finished", f"job {job_id} has finished ({finished.args[0]})") from None
+    return JSONResponse(record.model_dump(mode="json"), status_code=202 if record.state == JobState.RUNNING else 200)
+
+
 @router.get("/models", response_model=list[ModelEntry], summary="Published versions; which is active")
 async def list_models(registry: RegistryDep) -> list[ModelEntry]:
     active = registry.active_version()
@@ -188,12 +219,22 @@ async def list_models(registry: RegistryDep) -> list[ModelEntry]:
 
 
 @router.post("/models/{version}/activate", response_model=ActivateResponse,
-             summary="Roll back or forward: every worker serves this version within seconds",
-             responses={404: {"model": ErrorBody, "description": "no such version"}})
-async def activate(version: Version, registry: RegistryDep) -> ActivateResponse:
+             summary="Roll back or forward; answers once every model holder of this server serves the version",
+             responses={202: {"model": ActivateResponse,
+                              "description": "activated, but some holders still serve another version after "
+                                             "DIGITS_ACTIVATE_WAIT_SECONDS (named in `behind`)"},
+                        404: {"model": ErrorBody, "description": "no such version"}})
+async def activate(version: Version, request: Request, registry: RegistryDep,
+                   settings: SettingsDep) -> JSONResponse:
     previous = registry.active_version()
     try:
         await asyncio.to_thread(registry.activate, version)
     except RegistryError as exc:
         raise ClientError(404, "unknown_version", str(exc)) from None
-    return ActivateResponse(active=version, previous=previous)
+    started = time.monotonic()
+    deadline = started + settings.activate_wait_seconds
+    while (behind := readiness.behind(readiness.report(request.app), version)) and time.monotonic() < deadline:
+        await asyncio.sleep(ACTIVATE_POLL_SECONDS)
+    body = ActivateResponse(active=version, previous=previous, converged=not behind, behind=behind,
+                            waited_seconds=round(time.monotonic() - started, 3))
+    return JSONResponse(body.model_dump(), status_code=202 if behind else 200)

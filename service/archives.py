@@ -2,7 +2,9 @@
 
 Refuses absolute paths and ``..`` components, ignores links and special files, and caps the
 member count and the total uncompressed size (checked against the headers *and* against
-the bytes actually read, so a lying zip header cannot inflate past the cap).
+the bytes actually read, so a lying zip header cannot inflate past the cap). Every entry counts
+against the member cap, skipped ones too (hidden files, folders, links), and reading stops at
+the cap. Reading is synchronous: callers on an event loop run it in a thread.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from service.errors import ClientError
+from service.errors import ClientError, echo
 from service.labels import parse_label
 
 IGNORED_PARTS = ("__MACOSX",)
+CENTRAL_DIRECTORY_ENTRY = b"PK\x01\x02"  # the signature every zip central-directory entry starts with
+ZIP64_RECORDS = zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
 
 
 class ArchiveLimits:
@@ -29,28 +33,35 @@ class ArchiveLimits:
 def _check_name(name: str) -> PurePosixPath | None:
     """The member's path, or None to skip it (hidden or resource-fork files)."""
     if name.startswith("/") or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
-        raise ClientError(422, "unsafe_archive", f"archive member {name!r} has an absolute path")
+        raise ClientError(422, "unsafe_archive", f"archive member {echo(name)} has an absolute path")
     path = PurePosixPath(name.replace("\\", "/"))
     if ".." in path.parts:
-        raise ClientError(422, "unsafe_archive", f"archive member {name!r} escapes the archive with '..'")
+        raise ClientError(422, "unsafe_archive", f"archive member {echo(name)} escapes the archive with '..'")
     if any(part in IGNORED_PARTS or part.startswith(".") for part in path.parts):
         return None
     return path
 
 
 def _label_of(path: PurePosixPath) -> int:
-    return parse_label(path.parent.name, f"the folder of archive member {str(path)!r} (layout <label>/<name>.png)")
+    return parse_label(path.parent.name, f"the folder of archive member {echo(str(path))} (layout <label>/<name>.png)")
 
 
 class _Budget:
     def __init__(self, limits: ArchiveLimits) -> None:
         self.limits, self.members, self.total = limits, 0, 0
 
-    def admit(self, name: str, declared_size: int) -> None:
+    def count(self) -> None:
+        """Every entry counts, whether it is read or skipped (a folder, a link, a hidden file)."""
         self.members += 1
-        if self.members > self.limits.max_members:
+        self.check_count(self.members)
+
+    def check_count(self, entries: int) -> None:
+        if entries > self.limits.max_members:
             raise ClientError(413, "archive_too_large",
-                              f"the archive has more than {self.limits.max_members:,} files")
+                              f"the archive has more than {self.limits.max_members:,} entries "
+                              "(files, folders and links all count)")
+
+    def admit(self, declared_size: int) -> None:
         if self.total + declared_size > self.limits.max_total_bytes:
             raise ClientError(413, "archive_too_large",
                               f"the archive uncompresses to more than {self.limits.max_total_bytes:,} bytes")
@@ -61,28 +72,43 @@ class _Budget:
         if len(data) > remaining:
             raise ClientError(413, "archive_too_large",
                               f"the archive uncompresses to more than {self.limits.max_total_bytes:,} bytes "
-                              f"(at {name!r})")
+                              f"(at {echo(name)})")
         self.total += len(data)
         return data
 
 
+def _central_directory_entries(data: bytes) -> int:
+    """At least as many entries as the zip's central directory holds (their signatures, counted
+    in C): ZipFile parses every entry into an object before anything could count them."""
+    try:
+        end = zipfile._EndRecData(io.BytesIO(data))  # the end-of-central-directory record, zip64 too
+    except OSError:
+        end = None
+    if not end:
+        return 0  # not a zip: ZipFile names the problem
+    location = end[zipfile._ECD_LOCATION]
+    return data.count(CENTRAL_DIRECTORY_ENTRY, max(0, location - end[zipfile._ECD_SIZE] - ZIP64_RECORDS), location)
+
+
 def _zip_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, bytes]]:
+    budget.check_count(_central_directory_entries(data))
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
         raise ClientError(422, "corrupt_archive", f"the zip archive could not be read: {exc}") from None
     with archive:
         for info in archive.infolist():
+            budget.count()
             path = _check_name(info.filename)
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
             if path is None or info.is_dir() or is_link:
                 continue
-            budget.admit(info.filename, info.file_size)
+            budget.admit(info.file_size)
             try:
                 with archive.open(info) as stream:
                     content = budget.read(stream, info.filename)
             except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
-                raise ClientError(422, "corrupt_archive", f"archive member {info.filename!r}: {exc}") from None
+                raise ClientError(422, "corrupt_archive", f"archive member {echo(info.filename)}: {exc}") from None
             yield str(path), _label_of(path), content
 
 
@@ -94,10 +120,11 @@ def _tar_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, bytes
     with archive:
         try:
             for member in archive:
+                budget.count()  # before the next header is read: reading stops at the cap
                 path = _check_name(member.name)
                 if path is None or not member.isfile():  # links, devices, fifos, directories
                     continue
-                budget.admit(member.name, member.size)
+                budget.admit(member.size)
                 stream = archive.extractfile(member)
                 if stream is None:
                     continue

@@ -16,6 +16,13 @@ from service.errors import ClientError, validation_detail
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def byte_count(text: str) -> int | None:
+    """A header's byte count (Content-Length and the like): ASCII digits only, None otherwise
+    (``str.isdigit()`` also accepts ``²`` and other digits that ``int()`` refuses)."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def kind_of(content_type: str) -> str:
     """``multipart/form-data; boundary=x`` -> ``multipart/form-data``."""
     return content_type.split(";")[0].strip().lower()

@@ -9,9 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import re
+import signal
+import sys
+from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -76,8 +81,17 @@ def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ClientError(exc.status_code, exc.code, exc.message) from None
 
 
-def _background_priority() -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies (Linux)
+
+
+def _background_decoder(api_server_pid: int) -> None:
+    """Each decoder process runs at the lowest priority, and dies with its API server even when
+    that is killed outright (its queues would keep it waiting for ever, orphaned)."""
     os.nice(19)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != api_server_pid:  # it died before prctl took effect
+            os._exit(1)
 
 
 # One per API server, made lazily (after the fork): HEAVY_DECODES processes at nice 19, so big
@@ -89,8 +103,22 @@ def heavy_pool() -> ProcessPoolExecutor:
     global _heavy_pool
     if _heavy_pool is None:
         _heavy_pool = ProcessPoolExecutor(HEAVY_DECODES, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_background_priority)
+                                          initializer=_background_decoder, initargs=(os.getpid(),))
     return _heavy_pool
+
+
+@contextlib.asynccontextmanager
+async def heavy_decoding(app: object) -> AsyncIterator[None]:
+    """The API server's lifespan of its decoder processes: stopped with it. (Left to the
+    interpreter's exit, a forked API server waits for them for ever: multiprocessing joins its
+    children before concurrent.futures tells them to stop.)"""
+    global _heavy_pool
+    try:
+        yield
+    finally:
+        pool, _heavy_pool = _heavy_pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 async def digit_from_bytes_async(data: bytes, max_pixels: int) -> np.ndarray:

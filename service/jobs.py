@@ -1,43 +1,66 @@
 """Fine-tune job records and their samples, persisted in the registry (shared by all processes).
 
-Samples are safetensors files written from numpy (no torch: a CPU serving replica queues jobs
-for a trainer elsewhere); the trainer reads them into torch."""
+Every change of a job's state that two processes could race on (submitting against the queue's
+bound, the trainer claiming a job, a cancel) happens under one file lock in the registry, so the
+bound and the positions in the queue are exact across API servers and replicas.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+from filelock import FileLock
 from safetensors.numpy import load_file, save_file
 
 from model.atomic import atomic_file, atomic_write_bytes
 from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
-from service.schemas import FinetuneOptions, JobRecord, JobState
+from service.schemas import FINISHED_STATES, FinetuneOptions, JobRecord, JobState
+
+PENDING_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+class QueueFull(Exception):
+    """As many jobs are queued or running as the bound allows."""
+
+
+class JobFinished(Exception):
+    """The job has ended already; there is nothing to cancel."""
 
 
 class JobStore:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with FileLock(str(self.registry.jobs_lock_path)):  # a lock object per call: none crosses a fork
+            yield
+
     def _path(self, job_id: str):
         if not RECORD_ID_PATTERN.match(job_id):
             raise KeyError(job_id)
         return self.registry.job_path(job_id)
 
-    def create(self, images: np.ndarray, labels: np.ndarray, options: FinetuneOptions, source: str) -> JobRecord:
-        """Store the samples, then the record: a job is visible only once its samples are complete."""
-        job_id = new_record_id()
-        with atomic_file(self.registry.samples_path(job_id)) as tmp:
-            save_file(
-                {"images": np.ascontiguousarray(images, dtype=np.uint8),
-                 "labels": np.ascontiguousarray(labels, dtype=np.int64)},
-                str(tmp),
-            )
-        now = time.time()
-        record = JobRecord(job_id=job_id, state=JobState.QUEUED, created=now, updated=now, samples=len(labels),
-                           source=source, options=options)
-        self.save(record)
-        return record
+    def create(self, images: np.ndarray, labels: np.ndarray, options: FinetuneOptions, source: str,
+               max_pending: int) -> tuple[JobRecord, int]:
+        """Queue a job and say how many are ahead of it. Samples first, then the record: a job is
+        visible only once its samples are complete. Raises QueueFull at ``max_pending``."""
+        with self._locked():
+            ahead = self.pending_count()
+            if ahead >= max_pending:
+                raise QueueFull(ahead)
+            job_id = new_record_id()
+            with atomic_file(self.registry.samples_path(job_id)) as tmp:
+                save_file({"images": np.ascontiguousarray(images, dtype=np.uint8),
+                           "labels": np.asarray(labels, dtype=np.int64)}, str(tmp))
+            now = time.time()
+            record = JobRecord(job_id=job_id, state=JobState.QUEUED, created=now, updated=now, samples=len(labels),
+                               source=source, options=options)
+            self.save(record)
+        return record, ahead
 
     def save(self, record: JobRecord) -> None:
         record.updated = time.time()
@@ -58,11 +81,41 @@ class JobStore:
                 continue
         return sorted(records, key=lambda r: (r.created, r.job_id))
 
-    def queued(self) -> list[JobRecord]:
-        return [r for r in self.all() if r.state == JobState.QUEUED]
-
     def pending_count(self) -> int:
-        return sum(1 for r in self.all() if r.state in (JobState.QUEUED, JobState.RUNNING))
+        return sum(1 for r in self.all() if r.state in PENDING_STATES)
+
+    def claim_next(self) -> JobRecord | None:
+        """The trainer's side: the oldest queued job, now marked running (none: None)."""
+        with self._locked():
+            queued = [r for r in self.all() if r.state == JobState.QUEUED]
+            if not queued:
+                return None
+            record = queued[0]
+            record.state, record.message = JobState.RUNNING, "training"
+            self.save(record)
+            return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job is cancelled at once; a running one is asked to stop at its next batch
+        (its record says so until the trainer ends it). Raises KeyError, JobFinished."""
+        with self._locked():
+            record = self.get(job_id)
+            if record.state in FINISHED_STATES:
+                raise JobFinished(record.state)
+            if record.state == JobState.QUEUED:
+                record.state, record.message = JobState.CANCELLED, "cancelled before it ran; nothing was published"
+                self.save(record)
+                self.registry.samples_path(job_id).unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(self.registry.cancel_path(job_id), b"", durable=False)
+                record.message = "cancelling: stops at the next training batch; nothing will be published"
+            return record
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.registry.cancel_path(job_id).exists()
+
+    def clear_cancel(self, job_id: str) -> None:
+        self.registry.cancel_path(job_id).unlink(missing_ok=True)
 
     def load_samples(self, job_id: str) -> tuple[np.ndarray, np.ndarray]:
         tensors = load_file(str(self.registry.samples_path(job_id)))

@@ -18,7 +18,14 @@ What we rely on (each has a contract test in tests/test_litserve_contract.py):
   responses arrive in ``LitServer.response_buffer[uid]`` (``ResponseBufferItem``), filled by the
   task LitServe's lifespan starts; with ``restart_workers=True`` a worker first reports which
   request it took (``LitAPIStatus.START`` with its worker id).
-* With ``max_batch_size == 1`` LitServe's loop skips ``batch`` and ``unbatch``.
+* With ``max_batch_size == 1`` LitServe's loop skips ``batch`` and ``unbatch`` (:class:`BatchedAPI`
+  hides that), and it always starts at least one inference worker, even where none is needed.
+* A worker answers ``LitAPIStatus.ERROR`` with ``HTTPException(504)`` for a request that waited
+  past the timeout and with a pickled exception when the LitAPI raised; :func:`submit` turns
+  them into :class:`QueueTimeout` and :class:`WorkerFailed`.
+* ``run`` meets ``EOFError``/``ConnectionError`` when LitServe's manager process (it holds the
+  shutdown event) died: :meth:`DigitServer.run` raises :class:`ManagerGone`.
+* Inference workers are stopped with SIGTERM once the API servers have drained.
 * ``LITSERVE_WORKER_ID`` holds the index of the API server (in API servers) and of the worker
   (in inference workers).
 """
@@ -28,18 +35,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import logging
 import multiprocessing as mp
 import multiprocessing.queues
 import os
+import pickle
 import signal
+import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from queue import Empty
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import litserve as ls
 import uvicorn
@@ -68,6 +80,99 @@ SUPERVISE_SECONDS = 0.2
 def process_index() -> int:
     """This API server's or inference worker's index (0 in the main process)."""
     return int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+
+
+# ---------------------------------------------------------------------------------- what callers see
+
+
+class WorkerGone(RuntimeError):
+    """The inference worker holding a request died before answering it."""
+
+
+class QueueTimeout(RuntimeError):
+    """The request waited in the queue past the server's request timeout; no worker ran it."""
+
+
+class WorkerFailed(RuntimeError):
+    """The LitAPI raised while handling the request (the message says what)."""
+
+
+class ManagerGone(RuntimeError):
+    """LitServe's manager process died: nothing can be supervised any more."""
+
+
+class ProcessKind(enum.Enum):
+    """What kind of child died (the supervisor's :class:`Death`)."""
+
+    INFERENCE_WORKER = "inference worker"
+    API_SERVER = "API server"
+    EXTRA = "extra process"  # one of ``extra_processes``, named in ``Death.name``
+
+
+@dataclass(frozen=True)
+class Death:
+    """A child the supervisor found dead (it is being replaced)."""
+
+    kind: ProcessKind
+    index: int  # the worker's or API server's index; 0 for an extra process
+    name: str  # for the log: "inference worker", "API server" or the extra process's name
+    pid: int | None
+    exit_code: int | None
+
+
+# ---------------------------------------------------------------------------------- the LitAPI
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class BatchedAPI(ls.LitAPI, Generic[Item, Result]):
+    """A LitAPI whose subclass sees batches only, whatever ``max_batch_size`` is: it implements
+    ``setup_model(device)``, ``decode_request(request) -> Item`` and ``predict_batch(items) ->
+    results`` (one per item, in order).
+
+    ``idle=True`` makes the inference worker LitServe always starts even where no worker is
+    needed (the model runs in the API servers): it loads nothing and waits on its queue, which
+    no request ever reaches.
+    """
+
+    def __init__(self, *, max_batch_size: int, batch_timeout: float, api_path: str, idle: bool = False) -> None:
+        batch_size = 1 if idle else max_batch_size  # idle: the simplest loop, no batching window
+        with warnings.catch_warnings():  # LitServe warns that batch() is unused with batch size 1: by design
+            warnings.filterwarnings("ignore", "The LitServer has both batch and unbatch", UserWarning)
+            super().__init__(max_batch_size=batch_size, batch_timeout=0.0 if idle else batch_timeout,
+                             api_path=api_path)
+        self.idle = idle
+
+    def setup(self, device: str) -> None:
+        # LitServe stops workers with SIGTERM once the API servers have drained. Exiting through
+        # Python (not the default kill) lets multiprocessing clean up after the model's own
+        # worker pools (torch.compile's) instead of leaving semaphores behind.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        if not self.idle:
+            self.setup_model(device)
+
+    def setup_model(self, device: str) -> None:
+        raise NotImplementedError
+
+    def predict_batch(self, items: list[Item]) -> list[Result]:
+        raise NotImplementedError
+
+    # LitServe calls batch/predict/unbatch/encode_response with max_batch_size > 1 and only
+    # predict/encode_response (one request at a time) with max_batch_size == 1.
+    def batch(self, inputs: list[Item]) -> list[Item]:
+        return list(inputs)
+
+    def predict(self, x: list[Item] | Item) -> list[Result] | Result:
+        if self.max_batch_size > 1:
+            return self.predict_batch(x)
+        return self.predict_batch([x])[0]
+
+    def unbatch(self, output: list[Result]) -> list[Result]:
+        return output
+
+    def encode_response(self, output: Result) -> Result:
+        return output
 
 
 # ---------------------------------------------------------------------------------- queues
@@ -163,10 +268,11 @@ class DigitServer(ls.LitServer):
     """LitServer with our queues, a start that does not wait for warm-up (``/ready`` tells), and
     a supervisor that replaces dead processes."""
 
-    def __init__(self, lit_api: ls.LitAPI, *, greedy_batching: bool, on_death: Callable[[str, int], None],
+    def __init__(self, lit_api: ls.LitAPI, *, greedy_batching: bool, on_death: Callable[[Death], None],
                  edge: Callable[[FastAPI], Any], extra_processes: dict[str, Callable[[], Any]] | None = None,
                  **kwargs: Any) -> None:
-        """``edge(app)`` wraps the app that uvicorn runs in each API server (our outermost ASGI layers)."""
+        """``edge(app)`` wraps the app that uvicorn runs in each API server (our outermost ASGI layers);
+        ``on_death`` is called in the main process for every dead child, before it is replaced."""
         super().__init__(lit_api, restart_workers=True, healthcheck_path="/litserve/health",
                          info_path="/litserve/info", **kwargs)
         self.edge = edge
@@ -181,6 +287,13 @@ class DigitServer(ls.LitServer):
 
     def worker_count(self) -> int:
         return len(self._inference_workers_config_for_api(self.lit_api.api_path))
+
+    def run(self, **kwargs: Any) -> None:
+        """LitServer.run until a graceful shutdown; :class:`ManagerGone` if LitServe's manager died."""
+        try:
+            super().run(**kwargs)
+        except (EOFError, ConnectionError) as exc:  # a proxy to the dead manager (BrokenPipeError included)
+            raise ManagerGone("LitServe's manager process died") from exc
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
@@ -229,35 +342,37 @@ class DigitServer(ls.LitServer):
         threading.Thread(target=self._supervise, name="digits-supervisor", daemon=True).start()
 
     def _supervise(self) -> None:
+        kinds = ProcessKind
         while not self._stopping.wait(SUPERVISE_SECONDS):
             try:
                 for index, process in enumerate(self.inference_workers):
                     if not process.is_alive():
-                        self._replace("inference worker", index, process, lambda i=index: self._restart_worker(i))
+                        self._replace(kinds.INFERENCE_WORKER, kinds.INFERENCE_WORKER.value, index, process,
+                                      lambda i=index: self._restart_worker(i))
                 for index, process in list(self.api_servers.items()):
                     if not process.is_alive() and not self._stopping.is_set():
-                        self._replace("API server", index, process,
+                        self._replace(kinds.API_SERVER, kinds.API_SERVER.value, index, process,
                                       lambda i=index: self.api_servers.__setitem__(i, self.start_api_server(i)))
                 for name, process in list(self.extra_processes.items()):
                     if not process.is_alive() and not self._stopping.is_set():
-                        self._replace(name, 0, process,
+                        self._replace(kinds.EXTRA, name, 0, process,
                                       lambda n=name: self.extra_processes.__setitem__(n, self.extra_starters[n]()))
             except Exception:
                 log.exception("the supervisor failed; retrying")
 
-    def _replace(self, kind: str, index: int, process: Any, restart: Callable[[], None]) -> None:
+    def _replace(self, kind: ProcessKind, name: str, index: int, process: Any, restart: Callable[[], None]) -> None:
         if self._stopping.is_set():
             return
         code = process.exitcode
-        log.error("%s %d (pid %s) died with exit code %s; replacing it", kind, index, process.pid, code)
-        self.on_death(kind, index)
-        deaths = self._deaths.setdefault(kind, deque())
+        log.error("%s %d (pid %s) died with exit code %s; replacing it", name, index, process.pid, code)
+        self.on_death(Death(kind, index, name, process.pid, code))
+        deaths = self._deaths.setdefault(name, deque())
         now = time.monotonic()
         deaths.append(now)
         while deaths and now - deaths[0] > CRASH_LOOP_WINDOW:
             deaths.popleft()
         if len(deaths) > CRASH_LOOP_DEATHS:
-            log.critical("%s crash loop: %d deaths within %.0f s; stopping the server", kind, len(deaths),
+            log.critical("%s crash loop: %d deaths within %.0f s; stopping the server", name, len(deaths),
                          CRASH_LOOP_WINDOW)
             self._stopping.set()
             os.kill(os.getpid(), signal.SIGTERM)
@@ -297,12 +412,10 @@ def add_lifespan(app: FastAPI, inner: Callable[[FastAPI], contextlib.AbstractAsy
     app.router.lifespan_context = combined
 
 
-class WorkerGone(RuntimeError):
-    """The inference worker holding a request died before answering it."""
+async def submit(server: DigitServer, worker: int, payload: Any) -> Any:
+    """Queue one payload for inference worker ``worker`` and wait for what its LitAPI returned.
 
-
-async def submit(server: DigitServer, worker: int, payload: Any) -> tuple[Any, LitAPIStatus]:
-    """Queue one payload for inference worker ``worker`` and wait for its (response, status)."""
+    Raises :class:`WorkerGone`, :class:`QueueTimeout` or :class:`WorkerFailed`."""
     uid = uuid.uuid4().hex
     item = ResponseBufferItem(event=asyncio.Event())
     server.response_buffer[uid] = item
@@ -311,9 +424,21 @@ async def submit(server: DigitServer, worker: int, payload: Any) -> tuple[Any, L
         await item.event.wait()
         if item.response is None:
             raise WorkerGone(f"inference worker {item.worker_id} died while holding this request")
-        return item.response[0], item.response[1]
+        response, status = item.response[0], item.response[1]
     finally:
         server.response_buffer.pop(uid, None)
+    if status == LitAPIStatus.ERROR:
+        raise error_of(response)
+    return response
+
+
+def error_of(response: Any) -> QueueTimeout | WorkerFailed:
+    """A worker's error answer: LitServe's queue timeout (``HTTPException(504)``) or a pickled exception."""
+    with contextlib.suppress(Exception):
+        response = pickle.loads(response) if isinstance(response, bytes) else response
+    if getattr(response, "status_code", None) == 504:
+        return QueueTimeout("the request waited too long for an inference worker")
+    return WorkerFailed(str(response))
 
 
 def fail_requests_held_by(server: DigitServer, worker: int) -> int:
@@ -327,10 +452,6 @@ def fail_requests_held_by(server: DigitServer, worker: int) -> int:
     return failed
 
 
-def is_error(status: LitAPIStatus) -> bool:
-    return status == LitAPIStatus.ERROR
-
-
 def interrupt_on_signals(main_pid: int) -> None:
     """SIGTERM and SIGINT in the main process raise KeyboardInterrupt, which LitServe's ``run``
     turns into its graceful shutdown (uvicorn drains, then the workers stop). Forked API servers
@@ -342,7 +463,6 @@ def interrupt_on_signals(main_pid: int) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
 
 
 def ignore_signals() -> None:

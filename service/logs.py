@@ -37,6 +37,9 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     root.propagate = False
     # The logging docs' own optimisations: our JSON lines carry neither the caller's file and
-    # line nor thread/process names, so do not collect them (the access log runs per request).
+    # line nor thread names, so do not collect them (the access log runs per request). The
+    # process id and name stay: LitServe's own format has ``%(processName)s[%(process)d]``, and
+    # ``%d`` of None fails (every LitServe line was lost to a "--- Logging error ---"); its
+    # ``%(filename)s:%(lineno)d`` reads "(unknown file):0".
     logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logThreads = False

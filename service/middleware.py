@@ -11,7 +11,8 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import json_error, json_parts
+from service.bodies import byte_count
+from service.errors import CLIENT_CLOSED_REQUEST, json_error, json_parts
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -26,7 +27,9 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContextMiddleware:
     """Gives every request an id (a client's valid ``X-Request-ID`` is echoed), counts it by
-    route and status, times it, and writes one structured log line."""
+    route and status, times it, and writes one structured log line. A client that went away
+    before its answer started (mid-body, or while it was being worked on) counts as 499, not as
+    whatever the app then tried to answer: a client cannot inflate the 5xx rate."""
 
     def __init__(self, app: ASGIApp, access_log_enabled: bool = True) -> None:
         self.app = app
@@ -41,16 +44,25 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = [500]
+        response_started = False
+
+        async def receive_noting_disconnect() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_started:
+                status_holder[0] = CLIENT_CLOSED_REQUEST
+            return message
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            nonlocal response_started
+            if message["type"] == "http.response.start" and status_holder[0] != CLIENT_CLOSED_REQUEST:
+                response_started = True
                 status_holder[0] = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_noting_disconnect, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route_path = (scope.get("state", {}).get("route_path") or getattr(scope.get("route"), "path", None)
@@ -113,9 +125,10 @@ class BodyLimitMiddleware:
         limit = self.admin_max_bytes if scope["path"].startswith("/admin/") else self.max_bytes
         request_id = scope.get("state", {}).get("request_id")
         declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await drain(receive, int(declared))
-            await self._reject(send, limit, int(declared), request_id, scope["path"])
+        size = None if declared is None else byte_count(declared)
+        if size is not None and size > limit:
+            await drain(receive, size)
+            await self._reject(send, limit, size, request_id, scope["path"])
             return
         received = 0
         response_started = False

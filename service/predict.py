@@ -21,6 +21,7 @@ from model.preprocess import encode_png
 from service.errors import ClientError, json_error
 from service.inputs import digit_from_bytes_async, image_bytes
 from service.middleware import header
+from service.predictor import predictor_of
 from service.schemas import ErrorBody, PredictJSON, PredictResponse
 
 log = logging.getLogger("digits.predict")
@@ -60,10 +61,10 @@ async def read_body(receive: Receive) -> bytes:
 
 
 class PredictEndpoint:
-    """The ASGI endpoint of POST /predict, reading settings and the predictor from ``app.state``."""
+    """The ASGI endpoint of POST /predict: the app's settings and its predictor."""
 
     def __init__(self, app: FastAPI) -> None:
-        self.state = app.state
+        self.app, self.state = app, app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
@@ -73,7 +74,7 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await read_body(receive))
             pixels = await digit_from_bytes_async(data, self.state.settings.max_pixels)
-            prediction = await self.state.predictor.predict(pixels[None])
+            prediction = await predictor_of(self.app).predict(pixels[None])
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,
                           pixels if explain else None)

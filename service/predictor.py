@@ -1,20 +1,20 @@
 """How an API server gets predictions: from its own model on CPU, or from LitServe's workers.
 
-Routes (``/predict``, the V2 protocol) call ``app.state.predictor.predict(pixels)`` and never
+Routes (``/predict``, the V2 protocol over REST and gRPC) call ``predictor_of(app)`` and never
 know which one serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import pickle
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from fastapi import FastAPI
 
 from service import litserve_adapter as adapter
 from service import readiness
@@ -34,8 +34,22 @@ class Prediction:
 
 
 class Predictor(Protocol):
+    @property
+    def model_version(self) -> str:
+        """The version that answers now; "" while no model holder has announced one."""
+
     async def predict(self, pixels: np.ndarray) -> Prediction:
-        """uint8 [n,28,28], white digit on black."""
+        """uint8 [n,28,28], white digit on black. Raises ClientError (503, 504, 500) when no answer comes."""
+
+
+def serve_with(app: FastAPI, predictor: Predictor) -> None:
+    """Set the predictor this API server's routes call (the model lifespan does, before any request)."""
+    app.state.predictor = predictor
+
+
+def predictor_of(app: FastAPI) -> Predictor:
+    """The predictor ``serve_with`` set: the one accessor for /predict, V2 REST and gRPC."""
+    return app.state.predictor
 
 
 class InProcessPredictor:
@@ -62,49 +76,42 @@ class WorkerPredictor:
     """Each call is one item on the least-loaded inference worker's queue; the worker batches
     items from every API server. A worker's death answers the requests it held (503)."""
 
-    def __init__(self, server: adapter.DigitServer, run_dir) -> None:
+    def __init__(self, server: adapter.DigitServer, run_dir: Path) -> None:
         self.server, self.run_dir = server, run_dir
         self.in_flight = [0] * server.worker_count()
         self.worker_pids: dict[int, int] = {}
-        self.model_version = ""
+        self.model_version = ""  # what the workers announce (their readiness files), as /ready reports
 
     async def predict(self, pixels: np.ndarray) -> Prediction:
         worker = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
         self.in_flight[worker] += 1
         try:
-            response, status = await adapter.submit(
+            result: ItemResult = await adapter.submit(
                 self.server, worker, WorkItem(pixels.tobytes(), len(pixels), time.monotonic()))
         except adapter.WorkerGone as exc:
             raise ClientError(503, "worker_died", f"{exc}; retry: a new worker is starting") from None
+        except adapter.QueueTimeout as exc:
+            raise ClientError(504, "timeout", f"{exc}; retry") from None
+        except adapter.WorkerFailed as exc:
+            raise ClientError(500, "inference_failed", f"inference failed: {exc}") from None
         finally:
             self.in_flight[worker] -= 1
-        if adapter.is_error(status):
-            raise _worker_error(response)
-        result: ItemResult = response
         if result.error is not None:
             raise ClientError(500, "inference_failed", result.error)
-        self.model_version = result.model_version
         return Prediction(result.probabilities, result.model_version, result.runtime)
 
     async def watch_workers(self) -> None:
-        """Notice dead workers (their readiness file goes or their pid changes) and fail the
-        requests they held."""
+        """Follow the workers' readiness files: the version they serve, and dead workers (their
+        file goes or their pid changes), whose held requests are failed."""
         while True:
             await asyncio.sleep(WORKER_WATCH_SECONDS)
-            alive = {s["index"]: s["pid"] for s in readiness.read_all(self.run_dir) if s["role"] == "worker"}
+            workers = [s for s in readiness.read_all(self.run_dir) if s["role"] == "worker"]
+            alive = {s["index"]: s["pid"] for s in workers}
+            if workers:
+                self.model_version = workers[0]["model_version"]
             for index, pid in self.worker_pids.items():
                 if alive.get(index) != pid:
                     failed = adapter.fail_requests_held_by(self.server, index)
                     if failed:
                         log.error("inference worker %d is gone; answered its %d request(s) with 503", index, failed)
             self.worker_pids = alive
-
-
-def _worker_error(response: object) -> ClientError:
-    """LitServe's error statuses: its queue timeout (an HTTPException 504) or a pickled exception."""
-    with contextlib.suppress(Exception):
-        response = pickle.loads(response) if isinstance(response, bytes) else response
-    status = getattr(response, "status_code", 500)
-    if status == 504:
-        return ClientError(504, "timeout", "the request waited too long for an inference worker; retry")
-    return ClientError(500, "inference_failed", f"inference failed: {response}")

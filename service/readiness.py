@@ -1,9 +1,11 @@
-"""Which processes hold a warmed model, told through small files in the run directory.
+"""Which processes hold a warmed model, and which version each serves, told through small
+files in the run directory.
 
 Each model-holding process (an API server on CPU, an inference worker otherwise) writes
 ``ready/<role>-<index>.json`` when its model is warm and again after every swap, or, while it
 cannot serve, a file whose ``problem`` says why; the supervisor removes the file of a process
-that died. ``/ready`` (in any API server) reads them.
+that died. ``/ready``, V2 readiness and metadata,
+``/metrics`` and activation (in any API server) read them through :func:`report`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
+from fastapi import FastAPI
+
 from model.atomic import atomic_write_bytes
+from model.registry import Registry
 
 
 def directory(run_dir: Path) -> Path:
@@ -61,3 +66,38 @@ def read_all(run_dir: Path) -> list[dict]:
         if pid_alive(int(state.get("pid", -1))):
             states.append(state)
     return states
+
+
+def report(app: FastAPI) -> dict:
+    """What /ready says, and what V2 readiness, model metadata, /metrics and activation follow.
+
+    ``ready``: every expected holder has a warmed model. ``active_version``: the registry's
+    ACTIVE. ``converged``: ready, and every holder serves the active version (false for the
+    fraction of a second a swap takes). ``serving_versions``: what the holders serve now;
+    ``model_version``: the one version all of them serve, None while they disagree.
+    ``problems`` and ``reason`` (only then): why a holder has no model to serve.
+    """
+    expected: list[tuple[str, int]] = app.state.model_holders
+    states = read_all(app.state.settings.run_dir)
+    holders = [state for state in states if "problem" not in state]
+    problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
+    present = {(h["role"], h["index"]) for h in holders}
+    missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
+    active = Registry(app.state.settings.registry).active_version()
+    serving = sorted({h["model_version"] for h in holders})
+    body = {"ready": not missing, "holders_ready": len(expected) - len(missing), "holders_expected": len(expected),
+            "missing": missing, "active_version": active, "serving_versions": serving,
+            "converged": not missing and serving == [active], "holders": holders,
+            "model_version": active if not missing and serving == [active] else None}
+    if holders:
+        first = holders[0]
+        body.update(runtime=first["runtime"], runtime_reason=first["runtime_reason"])
+    if problems:  # why a holder cannot serve (e.g. a version without model.onnx and no torch to export it)
+        body.update(problems=problems, reason="; ".join(sorted(set(problems.values()))))
+    return body
+
+
+def behind(report_body: dict, version: str) -> list[str]:
+    """The holders (``"role index"``) of a report not serving ``version`` yet, missing ones included."""
+    return report_body["missing"] + [f"{h['role']} {h['index']}" for h in report_body["holders"]
+                                     if h["model_version"] != version]

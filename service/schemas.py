@@ -72,6 +72,10 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"  # a new version was published and activated
     REJECTED = "rejected"  # trained, but the gate kept the live model
     FAILED = "failed"
+    CANCELLED = "cancelled"  # DELETE /admin/jobs/{id}: nothing was published
+
+
+FINISHED_STATES = (JobState.SUCCEEDED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED)
 
 
 class JobRecord(BaseModel):
@@ -103,6 +107,9 @@ class ModelEntry(BaseModel):
 class ActivateResponse(BaseModel):
     active: str
     previous: str | None
+    converged: bool = Field(description="every model holder of this server serves `active` (200); false: 202")
+    behind: list[str] = Field(description="holders ('role index') not serving `active` when the wait ended")
+    waited_seconds: float
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:

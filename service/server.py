@@ -12,20 +12,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.registry import Registry
-from service import admin, feedback, ops, predict, readiness, v2
+from service import admin, feedback, inputs, ops, predict, readiness, v2
 from service import litserve_adapter as adapter
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.model_slot import ModelSlot
 from service.placement import Placement, runtime_options
 from service.predict import PredictEndpoint
-from service.predictor import InProcessPredictor, WorkerPredictor
+from service.predictor import InProcessPredictor, WorkerPredictor, serve_with
 from service.settings import Settings
 from service.worker import PredictAPI
 
 log = logging.getLogger("digits.server")
 
-ROLE_OF = {"inference worker": "worker", "API server": "api"}
+ROLE_OF = {adapter.ProcessKind.INFERENCE_WORKER: "worker", adapter.ProcessKind.API_SERVER: "api"}  # readiness roles
 
 
 class PredictShortcut:
@@ -73,14 +73,14 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
             if slot.serving is not None:
                 announce(slot.serving)
             slot.start_watching()
-            app.state.predictor = InProcessPredictor(slot)
+            serve_with(app, InProcessPredictor(slot))
             try:
                 yield
             finally:
                 slot.stop_watching()
         else:
             predictor = WorkerPredictor(server, settings.run_dir)
-            app.state.predictor = predictor
+            serve_with(app, predictor)
             watcher = asyncio.create_task(predictor.watch_workers(), name="digits-worker-watch")
             try:
                 yield
@@ -104,9 +104,9 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     readiness.clear(settings.run_dir)
     in_worker = placement.where == "worker"
 
-    def on_death(kind: str, index: int) -> None:
-        if kind in ROLE_OF:
-            readiness.remove(settings.run_dir, ROLE_OF[kind], index)
+    def on_death(death: adapter.Death) -> None:
+        if death.kind in ROLE_OF:  # a dead model holder is not ready (the trainer holds none)
+            readiness.remove(settings.run_dir, ROLE_OF[death.kind], death.index)
 
     server = adapter.DigitServer(
         lit_api_class(settings, holds_model=in_worker),
@@ -125,6 +125,7 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     app.state.model_holders = ([("worker", i) for i in range(server.worker_count())] if in_worker
                                else [("api", i) for i in range(settings.api_servers)])
     adapter.add_lifespan(app, model_lifespan(server, settings, placement))
+    adapter.add_lifespan(app, inputs.heavy_decoding)
     install_error_handlers(app)
     app.include_router(ops.router)
     app.router.routes.append(Route(predict.PATH, PredictEndpoint(app), methods=["POST"]))  # 405 for others

@@ -42,15 +42,22 @@ class Settings(BaseSettings):
     api_servers: int = Field(2, ge=1, le=16, description="HTTP server processes")
     worker_threads: int | None = Field(
         None, ge=1, le=256,
-        description="intra-op threads per model (torch and ONNX Runtime); default: 1 per API server with "
-        "inference=api, else the CPUs this process may use minus one per API server, at least 1 (measured: on 2 "
-        "cores, 2 threads halve throughput)",
+        description="intra-op threads per model (torch and ONNX Runtime); default: 1 in each API server with "
+        "inference=api; in each inference worker the CPUs this process may use minus api_servers x workers, at "
+        "least 1 (measured: on 2 cores, 2 threads halve throughput)",
     )
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
     # limits on what clients send
-    read_timeout: float = Field(10.0, gt=0, le=600, description="seconds a request may take to arrive whole (408)")
+    read_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds a request may take to arrive whole, from its first byte (408)")
+    first_byte_timeout: float = Field(
+        3.0, gt=0, le=600, description="seconds a new connection may wait before its first byte (408; at most "
+        "read_timeout)")
     max_connections: int = Field(1024, ge=1, description="concurrent connections per API server (503 above)")
+    max_connections_per_client: int = Field(
+        128, ge=1, description="concurrent connections of one client address per API server (503 above); behind a "
+        "proxy, set it to max_connections")
     max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
 
@@ -62,6 +69,13 @@ class Settings(BaseSettings):
     finetune_max_body_bytes: int = Field(50 * MiB, ge=1024, description="largest admin upload body")
     trainer_threads: int = Field(1, ge=1, le=64, description="torch threads of the fine-tune trainer")
     trainer_enabled: bool = Field(True, description="run the fine-tune trainer process beside the server")
+    finetune_max_queued: int = Field(
+        8, ge=1, le=1000, description="jobs queued or running at once; beyond it /admin/finetune answers 429"
+    )
+    activate_wait_seconds: float = Field(
+        10.0, ge=0, le=300,
+        description="how long an activation waits for every model holder to serve the version (then 202)",
+    )
 
     # replicas: a standalone trainer (python -m service.trainer) beside serving replicas
     trainer_metrics_port: int | None = Field(
@@ -106,8 +120,8 @@ class Settings(BaseSettings):
         return self.feedback_token.get_secret_value() if self.feedback_token else None
 
     def inference_threads(self) -> int:
-        """Threads for an inference worker's model: the CPUs we may use (affinity/cgroup aware),
-        minus the API servers'."""
+        """Threads for an inference worker's model: the CPUs we may use (affinity aware), minus
+        ``api_servers`` x ``workers``, at least 1; ``worker_threads`` when set."""
         if self.worker_threads:
             return self.worker_threads
         return max(1, len(os.sched_getaffinity(0)) - self.api_servers * self.workers)

@@ -1,4 +1,4 @@
-"""The LitAPI run by LitServe's inference workers: batch, predict, unbatch.
+"""The LitAPI run by LitServe's inference workers: decode a queued request, predict a batch.
 
 Used when requests are batched across API servers (CUDA, or ``DIGITS_RUNTIME=torch``). What
 crosses the queue is already validated: a :class:`WorkItem` of uint8 digits, so a client's
@@ -9,15 +9,12 @@ one poisonous input fails only its own request.
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import litserve as ls
 import numpy as np
 
+from service import litserve_adapter as adapter
 from service import metrics, readiness
 from service.settings import Settings
 
@@ -39,36 +36,21 @@ class ItemResult(NamedTuple):
     error: str | None = None
 
 
-@dataclass
-class Batch:
-    pixels: np.ndarray  # uint8 [sum(sizes),28,28]
-    sizes: list[int]
-
-
-class PredictAPI(ls.LitAPI):
+class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
     def __init__(self, settings: Settings, holds_model: bool) -> None:
-        if holds_model:
-            batch_timeout = 0.0 if settings.batching == "greedy" else settings.batch_timeout
-            super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=batch_timeout,
-                             api_path="/litserve/predict")
-        else:  # LitServe always starts a worker; without a model it waits on its queue (no batching loop)
-            super().__init__(max_batch_size=1, api_path="/litserve/predict")
-        self.settings, self.holds_model = settings, holds_model
+        """Without ``holds_model`` this is the idle worker LitServe starts anyway (the model is in the API servers)."""
+        batch_timeout = 0.0 if settings.batching == "greedy" else settings.batch_timeout
+        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=batch_timeout,
+                         api_path="/litserve/predict", idle=not holds_model)
+        self.settings = settings
 
-    def setup(self, device: str) -> None:
-        # LitServe stops workers with SIGTERM once the API servers have drained. Exiting through
-        # Python (not the default kill) lets multiprocessing clean up after torch.compile's worker
-        # pool instead of leaving semaphores behind.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        if not self.holds_model:
-            return  # CPU: the model runs in the API servers; this worker only idles
-        from service.litserve_adapter import process_index
+    def setup_model(self, device: str) -> None:
         from service.logs import configure_logging
         from service.model_slot import ModelSlot
         from service.placement import runtime_options
 
         configure_logging(self.settings.log_level)
-        index = process_index()
+        index = adapter.process_index()
         options = runtime_options(self.settings, device)
         import torch
 
@@ -90,27 +72,14 @@ class PredictAPI(ls.LitAPI):
         metrics.queue_wait.observe(max(0.0, time.monotonic() - request.enqueued_at))
         return np.frombuffer(request.pixels, dtype=np.uint8).reshape(request.count, 28, 28)
 
-    def batch(self, inputs: list[np.ndarray]) -> Batch:
-        return Batch(np.concatenate(inputs), [len(x) for x in inputs])
-
-    def predict(self, x: Batch | np.ndarray) -> list[ItemResult]:
-        batch = x if isinstance(x, Batch) else Batch(x, [len(x)])  # max_batch_size=1: no batch()
+    def predict_batch(self, items: list[np.ndarray]) -> list[ItemResult]:
         try:
-            probabilities, serving = self.slot.predict(batch.pixels)
+            probabilities, serving = self.slot.predict(np.concatenate(items))
         except Exception as exc:
-            if len(batch.sizes) > 1:  # find the item(s) that fail: each alone
-                return [self.predict(item)[0] for item in self._split(batch.pixels, batch.sizes)]
+            if len(items) > 1:  # find the item(s) that fail: each alone
+                log.warning("a batch of %d requests failed; retrying each alone", len(items))
+                return [self.predict_batch([item])[0] for item in items]
             log.exception("inference failed on one request")
             return [ItemResult(None, "", "", f"inference failed: {type(exc).__name__}: {exc}")]
         return [ItemResult(p, serving.version, serving.runtime.name)
-                for p in self._split(probabilities, batch.sizes)]
-
-    @staticmethod
-    def _split(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-        return np.split(array, np.cumsum(sizes)[:-1])
-
-    def unbatch(self, output: list[ItemResult]) -> list[ItemResult]:
-        return output
-
-    def encode_response(self, output: list[ItemResult] | ItemResult) -> ItemResult:
-        return output[0] if isinstance(output, list) else output  # max_batch_size=1: no unbatch()
+                for p in np.split(probabilities, np.cumsum([len(item) for item in items])[:-1])]

@@ -131,3 +131,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.2):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def serves_everywhere(url: str, version: str, timeout: float = 10.0) -> bool:
+    """True once /ready says every model holder of the server serves ``version``. Never judge by
+    one /predict answer: each comes from one holder, and the others may still be swapping."""
+    def converged() -> bool:
+        try:
+            body = requests.get(f"{url}/ready", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            return False
+        return bool(body.get("converged")) and body.get("model_version") == version
+
+    return bool(wait_until(converged, timeout, interval=0.05))

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from loadtest.serverctl import ServerProcess
-from tests.conftest import copy_registry, service_process
+from tests.conftest import copy_registry, service_process, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,78 @@ def test_the_server_keeps_serving_after_slow_clients(server: ServerProcess) -> N
     import requests
 
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+# ------------------------------------------------------------------ bounds per client address
+
+PER_CLIENT, TOTAL = 4, 12
+
+
+@pytest.fixture(scope="module")
+def bounded(base_registry, tmp_path_factory) -> ServerProcess:
+    root = tmp_path_factory.mktemp("bounded")
+    registry = copy_registry(base_registry, root / "registry")
+    proc = service_process(registry.root, max_connections=TOTAL, max_connections_per_client=PER_CLIENT,
+                           first_byte_timeout=0.5, read_timeout=8, trainer_enabled="false")
+    proc.start(root)
+    yield proc
+    proc.stop()
+
+
+def connect_from(server: ServerProcess, address: str, first: bytes = b"G") -> socket.socket:
+    """A connection from another loopback address (all of 127/8 is this machine), holding
+    ``first`` sent: past the first-byte deadline, stalled in its request."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(address, 0))
+    sock.sendall(first)
+    return sock
+
+
+def health_from(server: ServerProcess, address: str) -> tuple[int, bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(address, 0)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = answer_of(sock).partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.lower(), body
+
+
+def test_one_address_cannot_take_every_connection(bounded: ServerProcess) -> None:
+    held = [connect_from(bounded, "127.0.0.2") for _ in range(3 * TOTAL)]  # three times the server's cap
+    try:
+        time.sleep(0.3)
+        others = [health_from(bounded, "127.0.0.1")[0] for _ in range(20)]
+        assert others == [200] * 20  # the greedy address holds only PER_CLIENT of the connections
+        status, head, body = health_from(bounded, "127.0.0.2")  # over its bound: a JSON 503
+        assert status == 503 and b"content-type: application/json" in head and b"retry-after: 1" in head
+        assert json.loads(body)["error"] == "unavailable"
+        assert "DIGITS_MAX_CONNECTIONS_PER_CLIENT" in json.loads(body)["detail"]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_over_the_server_cap_the_answer_is_a_json_503(bounded: ServerProcess) -> None:
+    addresses = [f"127.0.0.{3 + i}" for i in range(TOTAL // PER_CLIENT)]
+    held = [connect_from(bounded, address) for address in addresses for _ in range(PER_CLIENT)]
+    try:
+        time.sleep(0.3)
+        status, head, body = health_from(bounded, "127.0.0.1")
+        assert status == 503 and b"content-type: application/json" in head, (head, body)
+        assert "DIGITS_MAX_CONNECTIONS" in json.loads(body)["detail"]
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: health_from(bounded, "127.0.0.1")[0] == 200, 5, interval=0.1)  # released
+
+
+def test_a_silent_connection_goes_long_before_a_slow_body(bounded: ServerProcess) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", bounded.port)) as sock:
+        head, _, body = answer_of(sock).partition(b"\r\n\r\n")
+    assert time.monotonic() - started < 2.5  # DIGITS_FIRST_BYTE_TIMEOUT=0.5, not DIGITS_READ_TIMEOUT=8
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout"
+    with socket.create_connection(("127.0.0.1", bounded.port)) as sock:  # a slow body has its 8 s
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: 13\r\n\r\n{\"image\"")
+        time.sleep(2.0)
+        sock.sendall(b": \"\"}")
+        head = answer_of(sock).partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 422"), head

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import threading
 import time
 
 import litserve as ls
@@ -105,3 +106,73 @@ def test_the_response_buffer_item_has_the_fields_submit_uses() -> None:
 
     item = ResponseBufferItem(event=asyncio.Event())
     assert item.response is None and item.worker_id is None
+
+
+class Doubler(adapter.BatchedAPI[int, int]):
+    """Records the batches it is given; fails on 13."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=0.05, api_path="/test")
+        self.request_timeout = 30
+        self.seen: list[list[int]] = []
+
+    def decode_request(self, request: int) -> int:
+        return request
+
+    def predict_batch(self, items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("thirteen")
+        self.seen.append(list(items))
+        return [2 * item for item in items]
+
+
+def run_loop(api: ls.LitAPI, requests: list[tuple[str, float, object]]) -> dict[str, tuple[object, LitAPIStatus]]:
+    """Run LitServe's own loop for ``api`` (the one its workers run) over ``requests`` (uid,
+    enqueued at, payload); what it answered per uid."""
+    queue = adapter.SPAWN.Queue()
+    transport = adapter.PipeQueueTransport([adapter.SPAWN.Queue()])
+    loop = BatchedLoop() if api.max_batch_size > 1 else SingleLoop()
+    loop._restart_workers = False
+    run = loop.run_batched_loop if api.max_batch_size > 1 else loop.run_single_loop
+    for uid, enqueued_at, payload in requests:
+        queue.put((0, uid, enqueued_at, payload))
+    thread = threading.Thread(target=run, args=(api, queue, transport, CallbackRunner()), daemon=True)
+    thread.start()
+    answers = {}
+    try:
+        while len(answers) < len(requests):
+            uid, (data, status, _kind, _worker) = transport.queues[0].get(timeout=10)
+            answers[uid] = (data, status)
+    finally:
+        queue.put(_SENTINEL_VALUE)  # stops the loop
+        thread.join(10)
+    return answers
+
+
+def test_a_batched_api_is_given_lists_with_and_without_batching() -> None:
+    now = time.monotonic()
+    for max_batch_size in (1, 4):
+        api = Doubler(max_batch_size)
+        answers = run_loop(api, [("a", now, 1), ("b", now, 2), ("c", now, 3)])
+        assert {uid: data for uid, (data, _) in answers.items()} == {"a": 2, "b": 4, "c": 6}
+        assert all(status == LitAPIStatus.OK for _, status in answers.values())
+        assert all(isinstance(batch, list) for batch in api.seen)
+        assert [item for batch in api.seen for item in batch] == [1, 2, 3]
+    assert len(api.seen) == 1  # max_batch_size=4: one batch of three
+
+
+def test_a_worker_failure_and_a_queue_timeout_become_typed_errors() -> None:
+    now = time.monotonic()
+    for max_batch_size in (1, 4):
+        answers = run_loop(Doubler(max_batch_size), [("late", now - 60, 1), ("bad", now, 13)])
+        late, bad = answers["late"], answers["bad"]
+        assert late[1] == bad[1] == LitAPIStatus.ERROR
+        assert isinstance(adapter.error_of(late[0]), adapter.QueueTimeout)
+        failed = adapter.error_of(bad[0])
+        assert isinstance(failed, adapter.WorkerFailed) and "thirteen" in str(failed)
+
+
+def test_an_idle_api_loads_nothing_and_runs_without_a_batching_window() -> None:
+    api = adapter.BatchedAPI(max_batch_size=8, batch_timeout=0.1, api_path="/test", idle=True)
+    api.setup("cpu")  # would raise NotImplementedError if it tried to load a model
+    assert api.max_batch_size == 1

@@ -3,6 +3,8 @@ a weight swap), and both agree with eager torch."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch._dynamo
@@ -57,6 +59,8 @@ def test_auto_on_cpu_measures_both_and_explains_the_choice(registry_copy) -> Non
     options = RuntimeOptions(device="cpu", threads=1, buckets=(1, 2))
     choice = choose_runtime(registry_copy, "v0001", "auto", options, measure_runs=3)
     assert choice.code == "measured"
-    assert "torch-compile" in choice.reason and "onnxruntime" in choice.reason and " ms" in choice.reason
-    assert choice.runtime.name in ("torch-compile", "onnxruntime")
+    measured = {name: float(ms) for name, ms in re.findall(r"(torch-compile|onnxruntime) ([\d.]+) ms", choice.reason)}
+    assert set(measured) == {"torch-compile", "onnxruntime"}, choice.reason
+    other = ({"torch-compile", "onnxruntime"} - {choice.runtime.name}).pop()
+    assert measured[choice.runtime.name] <= measured[other], choice.reason  # the faster one serves
     assert choice.runtime.probabilities(np.zeros((2, 28, 28), np.uint8)).shape == (2, 10)

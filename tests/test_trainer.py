@@ -66,7 +66,8 @@ def start_trainer(tmp_path: Path) -> Iterator:
 
 def queue_job(store: JobStore, mnist_test, count: int, epochs: int) -> str:
     images, labels = mnist_test
-    record = store.create(images[:count].numpy(), labels[:count].numpy(), FinetuneOptions(epochs=epochs), "upload")
+    record, _ = store.create(images[:count].numpy(), labels[:count].numpy(), FinetuneOptions(epochs=epochs),
+                             "upload", max_pending=10)
     return record.job_id
 
 

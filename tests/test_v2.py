@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from model.preprocess import prepare_digit
 from model.registry import Registry
 from service.v2 import tensors
-from service.v2.errors import ProtocolError
+from service.v2.errors import MAX_MESSAGE_CHARS, ProtocolError
 from tests.conftest import (
     ROOT,
     ServerProcess,
@@ -75,9 +75,13 @@ def test_binary_bytes_elements_as_tritonclient_writes_them() -> None:
 def test_json_header_and_binary_part_split() -> None:
     assert tensors.split_body(b'{"a": 1}xyz', "8") == (b'{"a": 1}', b"xyz")
     assert tensors.split_body(b'{"a": 1}', None) == (b'{"a": 1}', b"")
-    for bad in ("-1", "eight", "99"):
+    for bad in ("-1", "eight", "99", "\u00b2", "1\u00b3", "\u00b9"):  # ² ³ ¹: str.isdigit() says yes, int() no
         with pytest.raises(ProtocolError):
             tensors.split_body(b"{}", bad)
+
+
+def test_an_error_message_never_grows_with_the_request() -> None:
+    assert len(ProtocolError(400, "x" * 1_000_000).message) <= MAX_MESSAGE_CHARS
 
 
 def test_uint8_values_flat_or_nested_and_checked() -> None:
@@ -176,6 +180,8 @@ def test_health_metadata_and_config(server, http_client, grpc_client) -> None:
     assert http_client.is_model_ready("digits") and http_client.is_model_ready("digits", "v0001")
     assert grpc_client.is_server_live() and grpc_client.is_server_ready() and grpc_client.is_model_ready("digits")
     assert requests.get(f"{server.url}/ready", timeout=5).status_code == 200
+    assert requests.get(f"{server.url}/v2/health/live", timeout=5).json() == {"live": True}  # as the spec and gRPC
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=5).json() == {"ready": True}
     meta = http_client.get_server_metadata()
     assert meta["name"] == "digit-service" and "binary_tensor_data" in meta["extensions"]
     assert "binary_tensor_data" in grpc_client.get_server_metadata(as_json=True)["extensions"]
@@ -320,6 +326,8 @@ def bad_http_cases(png: bytes) -> dict[str, tuple[str, dict, int, str]]:
                                             "no parameters.binary_data_size"),
         "header_length_past_the_body": (infer, dict(data=b"{}", headers={"Inference-Header-Content-Length": "99"}),
                                         400, "Inference-Header-Content-Length"),
+        "header_length_superscript": (infer, dict(data=b"{}", headers={"Inference-Header-Content-Length": "\u00b2"}),
+                                      400, "Inference-Header-Content-Length"),  # sent as the latin-1 byte 0xb2
         "truncated_binary_bytes": (infer, binary_body(
             {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}]},
             b"\x10\0\0\0ab"), 400, "declares 16 bytes"),
@@ -398,6 +406,85 @@ def test_grpc_bad_requests_get_status_codes(server, grpc_client, digits_batch) -
         grpc_client.infer("letters", [grpc_input("image", image)])
     assert caught.value.status() == "StatusCode.NOT_FOUND"
     assert grpc_client.infer("digits", [grpc_input("image", image)]).as_numpy("digit").tolist() == [7]
+
+
+def test_errors_stay_small_however_big_the_request(server) -> None:
+    tiny = {"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0]}
+    response = requests.post(f"{server.url}/v2/models/digits/infer", timeout=60, json={"inputs": [tiny] * 60_000})
+    assert response.status_code == 400 and "not 60,000" in response.json()["error"], response.text[:500]
+    assert len(response.content) <= MAX_MESSAGE_CHARS + 100, len(response.content)
+    named = requests.post(f"{server.url}/v2/models/digits/infer", timeout=60,
+                          json={"inputs": [{**tiny, "name": "x" * 100_000}]})
+    assert named.status_code == 400 and "unknown input" in named.json()["error"]
+    assert len(named.content) < 1000, len(named.content)
+    # over gRPC the client refuses a status message over 8 KiB: it must see INVALID_ARGUMENT, not "Stream removed"
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name="digits", inputs=[tensor] * 2000), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "not 2,000" in caught.value.details()
+
+
+MALFORMED_PROTOBUF = {
+    "truncated_varint": b"\x08",
+    "length_past_the_end": b"\x0a\x7fdigits",
+    "invalid_wire_type": b"\x0f\x01",
+    "end_group_without_start": b"\x0c",
+    "invalid_utf8_model_name": b"\x0a\x02\xff\xfe",
+    "nested_input_truncated": b"\x2a\x05\x0a\x0apix",
+    "junk": b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+}
+
+
+def test_malformed_protobuf_gets_invalid_argument(server) -> None:
+    cases = [("ModelInfer", name) for name in MALFORMED_PROTOBUF] + [("ServerLive", "junk"), ("ModelReady", "junk")]
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        for method, name in cases:
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # bytes in, bytes out
+            with pytest.raises(grpc.RpcError) as caught:
+                call(MALFORMED_PROTOBUF[name], timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, name, caught.value)
+            assert "not a valid protobuf message" in caught.value.details(), (method, name)
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
+        assert service_pb2.ServerLiveResponse.FromString(live).live  # a well-formed call still works
+
+
+def large_png(pixels: np.ndarray) -> bytes:
+    """A 2,800 x 2,800 scan of a digit: decoded in the API server's background decoder process."""
+    return png_of(np.kron(pixels, np.ones((100, 100), np.uint8)))
+
+
+def access_line(server: ServerProcess, request_id: str) -> dict | None:
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and f'"request_id":"{request_id}"' in line and '"digits.access"' in line:
+            return json.loads(line)
+    return None
+
+
+def test_an_abandoned_request_stops_its_work(server, digits_batch) -> None:
+    """A client that leaves: its request is cancelled (no more decodes) and counted as 499."""
+    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [16],
+                          "parameters": {"binary_data_size": 0}}]}
+    blob = serialize_byte_tensor(np.array([large_png(digits_batch[1][0])] * 16, dtype=object)).item()
+    header["inputs"][0]["parameters"]["binary_data_size"] = len(blob)
+    text = json.dumps(header).encode()
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(text)}\r\n"
+            f"Content-Length: {len(text) + len(blob)}\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # the whole request, answered
+        sock.sendall(head + b"X-Request-ID: waited-for\r\nConnection: close\r\n\r\n" + text + blob)
+        sock.settimeout(120)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    whole = time.monotonic() - started
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # the same, abandoned
+        sock.sendall(head + b"X-Request-ID: abandoned\r\n\r\n" + text + blob)
+        time.sleep(min(0.5, whole / 4))
+    line = wait_until(lambda: access_line(server, "abandoned"), 120)
+    print(f"16 large images: {whole:.2f} s answered; abandoned: {line}")
+    assert line["status"] == 499, line
+    assert line["duration_ms"] < whole * 1e3 / 2, (line, whole)
 
 
 # ------------------------------------------------------------------ hot swap and shutdown

@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe V2): REST routes under /v2 and gRPC
-``inference.GRPCInferenceService``, both on ``app.state.predictor`` (the /predict path).
+``inference.GRPCInferenceService``, both on ``predictor_of(app)`` (the /predict path).
 
 ``install(app, settings)`` is all the server calls: it adds the routes and error handler,
 and starts the gRPC server with each API-server process (stopped at its shutdown).
@@ -24,7 +24,7 @@ log = logging.getLogger("digits.grpc")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Call after the lifespan that sets ``app.state.predictor`` (gRPC starts inside it) and
+    """Call after the lifespan that sets the app's predictor (gRPC starts inside it) and
     after the service's error handlers (V2 paths get the protocol's error shape instead)."""
     app.include_router(router)
     app.add_exception_handler(ProtocolError, protocol_error)

@@ -17,7 +17,9 @@ import numpy as np
 from fastapi import HTTPException
 
 from model.registry import Registry
+from service.errors import echo
 from service.inputs import ClientError, digit_from_bytes_async
+from service.predictor import Prediction, Predictor
 from service.settings import Settings
 from service.v2.errors import ProtocolError, bad_request
 from service.v2.schemas import ModelMetadata, ServerMetadata, TensorMetadata
@@ -58,9 +60,10 @@ def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=package_version("digit-service"), extensions=EXTENSIONS)
 
 
-def model_metadata(served_version: str) -> ModelMetadata:
+def model_metadata(serving_versions: list[str]) -> ModelMetadata:
+    """``versions``: what this server's model holders serve now (two only while a swap converges)."""
     return ModelMetadata(
-        name=MODEL_NAME, versions=[served_version], platform=PLATFORM,
+        name=MODEL_NAME, versions=serving_versions, platform=PLATFORM,
         inputs=[spec.metadata() for spec in INPUTS.values()],
         outputs=[spec.metadata() for spec in OUTPUTS.values()],
     )
@@ -91,10 +94,10 @@ def model_config(settings: Settings) -> dict:
 
 def check_model(name: str) -> None:
     if name != MODEL_NAME:
-        raise ProtocolError(404, f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
+        raise ProtocolError(404, f"unknown model {echo(name)}; this server serves '{MODEL_NAME}'")
 
 
-def served_version(predictor, registry_root: Path, model_name: str, version: str = "") -> str:
+def served_version(predictor: Predictor, registry_root: Path, model_name: str, version: str = "") -> str:
     """The version that answers now, after checking the model name and a requested version. A
     worker-backed predictor learns its version from its first answer; until then, ACTIVE says."""
     check_model(model_name)
@@ -108,9 +111,9 @@ def check_version(version: str, served: str, registry_root: Path) -> None:
     if not version or version == served:
         return
     if Registry(registry_root).exists(version):
-        raise bad_request(f"version '{version}' of model '{MODEL_NAME}' is not served; the served version is "
+        raise bad_request(f"version {echo(version)} of model '{MODEL_NAME}' is not served; the served version is "
                           f"'{served}' (activate another with POST /admin/models/{{version}}/activate)")
-    raise ProtocolError(404, f"model '{MODEL_NAME}' has no version '{version}'; the served version is '{served}'")
+    raise ProtocolError(404, f"model '{MODEL_NAME}' has no version {echo(version)}; the served version is '{served}'")
 
 
 def check_input(inputs: list[TensorSpec], limit: int) -> tuple[TensorSpec, int]:
@@ -118,18 +121,18 @@ def check_input(inputs: list[TensorSpec], limit: int) -> tuple[TensorSpec, int]:
     names = [spec.name for spec in inputs]
     unknown = [name for name in names if name not in INPUTS]
     if unknown:
-        raise bad_request(f"unknown input '{unknown[0]}'; model '{MODEL_NAME}' takes {INPUT_CHOICES}")
+        raise bad_request(f"unknown input {echo(unknown[0])}; model '{MODEL_NAME}' takes {INPUT_CHOICES}")
     if len(inputs) != 1:
         if not inputs:
             raise bad_request(f"the request has no input; send {INPUT_CHOICES}")
-        raise bad_request(f"send one input, either 'image' or 'pixels', not {', '.join(repr(n) for n in names)}")
+        raise bad_request(f"send one input, either 'image' or 'pixels', not {len(names):,}: {echo(names)}")
     spec = inputs[0]
     expected = INPUTS[spec.name]
     if spec.datatype != expected.datatype:
-        raise bad_request(f"input '{spec.name}' must be {expected.datatype}, not {spec.datatype}")
+        raise bad_request(f"input '{spec.name}' must be {expected.datatype}, not {echo(spec.datatype)}")
     if len(spec.shape) != len(expected.shape) or list(spec.shape[1:]) != list(expected.shape[1:]):
         want = "[n]" if expected is IMAGE else "[n,28,28]"
-        raise bad_request(f"input '{spec.name}' must have shape {want}, not {list(spec.shape)}")
+        raise bad_request(f"input '{spec.name}' must have shape {want}, not {echo(list(spec.shape))}")
     batch = spec.shape[0]
     if batch < 1:
         raise bad_request(f"input '{spec.name}' must hold at least one image, not {batch}")
@@ -145,7 +148,7 @@ def check_outputs(names: list[str] | None) -> list[TensorSpec]:
         return list(OUTPUTS.values())
     unknown = [name for name in names if name not in OUTPUTS]
     if unknown:
-        raise bad_request(f"unknown output '{unknown[0]}'; model '{MODEL_NAME}' gives "
+        raise bad_request(f"unknown output {echo(unknown[0])}; model '{MODEL_NAME}' gives "
                           f"'probabilities' (FP32 [-1,10]) and 'digit' (INT64 [-1])")
     if len(set(names)) != len(names):
         raise bad_request("each output may be requested once")
@@ -171,7 +174,7 @@ def pixels_from_array(values: np.ndarray, batch: int) -> np.ndarray:
     return values.reshape(batch, SIDE, SIDE)
 
 
-async def predict(predictor, pixels: np.ndarray):
+async def predict(predictor: Predictor, pixels: np.ndarray) -> Prediction:
     """The predictor's answer; an HTTP error it raises (e.g. 503 while unavailable) keeps its status."""
     try:
         return await predictor.predict(pixels)

@@ -5,11 +5,17 @@ REST answers it as the spec's ``{"error": "<message>"}``; gRPC as the matching s
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1000  # a gRPC client refuses a status message over its metadata limit (8 KiB)
+
 
 class ProtocolError(Exception):
-    """A client mistake (400/404/413) or an unavailable model (503), with a message naming the problem."""
+    """A client mistake (400/404/413) or an unavailable model (503), with a message naming the
+    problem; never longer than MAX_MESSAGE_CHARS, however much of the request it quotes."""
 
     def __init__(self, status_code: int, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            cut = MAX_MESSAGE_CHARS - 40
+            message = f"{message[:cut]}... ({len(message) - cut:,} more characters)"
         super().__init__(message)
         self.status_code = status_code
         self.message = message

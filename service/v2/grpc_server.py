@@ -1,6 +1,6 @@
 """``inference.GRPCInferenceService`` on grpc.aio, inside each API-server process.
 
-It runs on the API server's event loop and calls the same ``app.state.predictor`` as the
+It runs on the API server's event loop and calls the same ``predictor_of(app)`` as the
 REST routes and /predict. Every API server binds the same port: gRPC sets SO_REUSEPORT by
 default, so the kernel spreads connections over them.
 """
@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 from fastapi import FastAPI
+from google.protobuf.message import DecodeError
 
-from service import ops
+from service import readiness
+from service.predictor import Predictor, predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -66,13 +68,45 @@ async def input_pixels(request: pb.ModelInferRequest, spec: digits.TensorSpec, b
     return digits.pixels_from_array(values, batch)
 
 
+def parsing_itself(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """The same unary method, taking the raw bytes and parsing them itself: a message that is not
+    valid protobuf gets INVALID_ARGUMENT (grpc.aio answers a failed parse as UNKNOWN)."""
+    if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        return handler
+    parse, behavior = handler.request_deserializer, handler.unary_unary
+
+    async def parse_then_call(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = parse(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(parse_then_call, response_serializer=handler.response_serializer)
+
+
+class RefusesMalformedMessages(grpc.aio.ServerInterceptor):
+    """Every known method through :func:`parsing_itself` (made once per method)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            handler = parsing_itself(await continuation(details))
+            if handler is not None:  # unknown methods are not kept: clients choose their names
+                self._handlers[details.method] = handler
+        return handler
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, app: FastAPI, settings: Settings) -> None:
         self.app, self.settings = app, settings
 
     @property
-    def predictor(self):
-        return self.app.state.predictor
+    def predictor(self) -> Predictor:
+        return predictor_of(self.app)
 
     def served_version(self, name: str, version: str) -> str:
         return digits.served_version(self.predictor, self.settings.registry, name, version)
@@ -81,12 +115,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=ops.readiness_report(self.app)["ready"])
+        return pb.ServerReadyResponse(ready=readiness.report(self.app)["ready"])
 
     @answers_errors
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         self.served_version(request.name, request.version)
-        return pb.ModelReadyResponse(ready=ops.readiness_report(self.app)["ready"])
+        return pb.ModelReadyResponse(ready=readiness.report(self.app)["ready"])
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         meta = digits.server_metadata()
@@ -94,7 +128,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @answers_errors
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        meta = digits.model_metadata(self.served_version(request.name, request.version))
+        served = self.served_version(request.name, request.version)
+        meta = digits.model_metadata(readiness.report(self.app)["serving_versions"] or [served])
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,
@@ -128,7 +163,8 @@ def address(host: str, port: int) -> str:
 
 async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
     """Start serving on DIGITS_HOST:DIGITS_GRPC_PORT; messages over DIGITS_MAX_BODY_BYTES are refused."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, interceptors=[RefusesMalformedMessages()],
+                             options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.so_reuseport", 1),
     ])

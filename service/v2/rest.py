@@ -1,11 +1,14 @@
 """KServe V2 REST routes under /v2, with the binary tensor data extension.
 
-Every route reads ``request.app.state.predictor`` (the same batching path as /predict) and
+Every route calls ``predictor_of(request.app)`` (the same batching path as /predict) and
 answers errors as the spec's ``{"error": "<message>"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -13,7 +16,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import ops
+from service import readiness
+from service.errors import CLIENT_CLOSED_REQUEST, echo
+from service.predictor import predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
@@ -21,6 +26,7 @@ from service.v2.schemas import (
     ErrorResponse,
     InferenceRequest,
     InferenceResponse,
+    LiveResponse,
     ModelMetadata,
     ReadyResponse,
     RequestInput,
@@ -44,12 +50,17 @@ def settings_of(request: Request) -> Settings:
 
 
 def served_version(request: Request, model_name: str, version: str = "") -> str:
-    return digits.served_version(request.app.state.predictor, settings_of(request).registry, model_name, version)
+    return digits.served_version(predictor_of(request.app), settings_of(request).registry, model_name, version)
 
 
-def readiness(request: Request) -> JSONResponse:
+def metadata_of(request: Request, model_name: str, version: str = "") -> ModelMetadata:
+    served = served_version(request, model_name, version)
+    return digits.model_metadata(readiness.report(request.app)["serving_versions"] or [served])
+
+
+def readiness_of(request: Request) -> JSONResponse:
     """200 when /ready says ready; the spec's 4xx (400) with a body saying so when not."""
-    ready = ops.readiness_report(request.app)["ready"]
+    ready = readiness.report(request.app)["ready"]
     body = ReadyResponse(ready=ready).model_dump()
     return JSONResponse(body, status_code=200 if ready else 400)
 
@@ -60,36 +71,36 @@ async def metadata() -> ServerMetadata:
 
 
 @router.get("/health/live", summary="Liveness")
-async def live() -> ReadyResponse:
-    return ReadyResponse(ready=True)
+async def live() -> LiveResponse:
+    return LiveResponse(live=True)
 
 
 @router.get("/health/ready", summary="Readiness (follows /ready)", response_model=ReadyResponse)
 async def ready(request: Request) -> JSONResponse:
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}", summary="Model metadata")
 async def model_metadata(request: Request, model_name: str) -> ModelMetadata:
-    return digits.model_metadata(served_version(request, model_name))
+    return metadata_of(request, model_name)
 
 
 @router.get("/models/{model_name}/versions/{version}", summary="Model metadata of a version")
 async def version_metadata(request: Request, model_name: str, version: str) -> ModelMetadata:
-    return digits.model_metadata(served_version(request, model_name, version))
+    return metadata_of(request, model_name, version)
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness", response_model=ReadyResponse)
 async def model_ready(request: Request, model_name: str) -> JSONResponse:
     served_version(request, model_name)
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}/versions/{version}/ready", summary="Model version readiness",
             response_model=ReadyResponse)
 async def version_ready(request: Request, model_name: str, version: str) -> JSONResponse:
     served_version(request, model_name, version)
-    return readiness(request)
+    return readiness_of(request)
 
 
 @router.get("/models/{model_name}/config", summary="Model configuration (Triton's shape)")
@@ -143,7 +154,7 @@ def binary_size(item: RequestInput) -> int | None:
     if item.data is not None:
         raise bad_request(f"input '{item.name}' has both data and parameters.binary_data_size; send one")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise bad_request(f"input '{item.name}': binary_data_size must be a byte count, got {size!r}")
+        raise bad_request(f"input '{item.name}': binary_data_size must be a byte count, got {echo(size)}")
     return size
 
 
@@ -169,7 +180,7 @@ async def input_pixels(item: RequestInput, spec: digits.TensorSpec, batch: int, 
 def flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
     value = parameters.get(name, default)
     if not isinstance(value, bool):
-        raise bad_request(f"parameter {name} must be true or false, got {value!r}")
+        raise bad_request(f"parameter {name} must be true or false, got {echo(value)}")
     return value
 
 
@@ -180,9 +191,36 @@ def binary_outputs(payload: InferenceRequest, outputs: list[digits.TensorSpec]) 
     return [flag(parameters.get(out.name, {}), "binary_data", default) for out in outputs]
 
 
+async def client_gone(request: Request) -> None:
+    """Returns when the client has gone away (call once the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_the_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s answer; if the client goes away first, ``work`` is cancelled (no more decoding
+    or predicting for nobody) and the answer is an empty one that nobody reads."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def run_inference(request: Request) -> Response:
+    body = await request.body()
+    return await unless_the_client_leaves(request, answer(request, body))
+
+
+async def answer(request: Request, body: bytes) -> Response:
     settings = settings_of(request)
-    header, binary = tensors.split_body(await request.body(), request.headers.get(tensors.HEADER_LENGTH))
+    header, binary = tensors.split_body(body, request.headers.get(tensors.HEADER_LENGTH))
     payload = parse_request(header)
     spec, batch = digits.check_input(
         [digits.TensorSpec(i.name, i.datatype, tuple(i.shape)) for i in payload.inputs], digits.max_batch(settings)
@@ -190,7 +228,7 @@ async def run_inference(request: Request) -> Response:
     outputs = digits.check_outputs(None if payload.outputs is None else [o.name for o in payload.outputs])
     binary_flags = binary_outputs(payload, outputs)
     pixels = await input_pixels(payload.inputs[0], spec, batch, binary, settings)
-    prediction = await digits.predict(request.app.state.predictor, pixels)
+    prediction = await digits.predict(predictor_of(request.app), pixels)
     tensors_out, blobs = [], []
     for (out, array), as_binary in zip(digits.output_arrays(prediction.probabilities, outputs), binary_flags,
                                        strict=True):

@@ -70,5 +70,9 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="what is wrong, for people")
 
 
+class LiveResponse(BaseModel):
+    live: bool
+
+
 class ReadyResponse(BaseModel):
     ready: bool

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from service.bodies import byte_count
+from service.errors import echo
 from service.inputs import ClientError, decode_base64
 from service.v2.errors import bad_request
 
@@ -25,9 +27,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     bytes; without that header the whole body is JSON."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit():
-        raise bad_request(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
-    length = int(header_length)
+    length = byte_count(header_length)
+    if length is None:
+        raise bad_request(f"Inference-Header-Content-Length must be a byte count, got {echo(header_length)}")
     if length > len(body):
         raise bad_request(f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes")
     return body[:length], body[length:]
