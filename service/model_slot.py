@@ -136,13 +136,13 @@ class ModelSlot:
         to load one); True when a swap happened. A failure leaves the marker unchanged, so the
         next poll tries again."""
         marker = self.registry.active_marker()
-        with self.lock:
-            current = self.serving
-        if current is None:
+        if self.serving is None:  # no model yet: try again, the file may have appeared
             return self._retry_start(marker)
         if marker == self.marker:
             return False
         version = self.registry.active_version()
+        with self.lock:
+            current = self.serving
         if version is None or version == current.version:
             self.marker = marker
             return False

@@ -77,6 +77,8 @@ def test_serves_predict_v2_grpc_and_hot_swaps_without_torch(start_torchless, reg
     answers = [post_png(server.url, png_of(image)).json() for image in images]
     assert np.mean([a["digit"] for a in answers] == labels) >= 0.9
     assert {a["runtime"] for a in answers} == {"onnxruntime"} and {a["model_version"] for a in answers} == {"v0001"}
+    big = post_png(server.url, png_of(np.kron(images[0], np.ones((16, 16), np.uint8))))  # 448 px: the decoder process
+    assert big.status_code == 200 and big.json()["digit"] == answers[0]["digit"]
 
     # the V2 pixels input is the model's own input: the answers are the ONNX file's, run here
     session = ort_session(registry_copy.onnx_path("v0001"), providers=["CPUExecutionProvider"])
