@@ -102,7 +102,7 @@ class Registry:
         self.feedback_index = self.feedback_dir / "INDEX.json"
         self.feedback_lock_path = self.feedback_dir / ".lock"
         self.trainer_lock_path = self.root / ".trainer.lock"
-        self.jobs_lock_path = self.jobs_dir / ".lock"
+        self.jobs_lock_path = self.root / ".jobs.lock"
         for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock: FileLock | None = None

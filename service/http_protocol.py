@@ -9,8 +9,8 @@ connection for ever. Here a new connection must send its first byte within
 every request must arrive whole within ``read_timeout`` seconds of its first byte, or it gets a
 408 JSON answer and the connection is closed.
 
-Each API server holds at most ``max_connections`` connections, at most ``max_per_client`` of
-them from one client address, so that one client cannot take them all. A connection over
+Each API server holds at most ``max_connections`` connections and, once half of them are
+taken, at most ``max_per_client`` from one client address, so that one client cannot take them all. A connection over
 either bound is not counted: its request gets a 503 JSON answer (and it is closed), or it is
 closed at its first-byte deadline if it sends nothing.
 
@@ -72,7 +72,9 @@ class HeadHoldingTransport:
 
 
 class ConnectionBudget:
-    """The connections one API server holds: at most ``total``, at most ``per_client`` from one address."""
+    """The connections one API server holds: at most ``total``; once half of them are taken, at most
+    ``per_client`` from one address. So one address can never crowd the others out, yet a busy but
+    harmless client (a script holding its responses, one proxy) is not refused on an idle server."""
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total, self.per_client = total, per_client
@@ -83,9 +85,9 @@ class ConnectionBudget:
         """None when the connection is admitted (``release`` it when it closes), else why not."""
         if self.held >= self.total:
             return f"the server holds its {self.total:,} connections (DIGITS_MAX_CONNECTIONS); retry shortly"
-        if self.by_client[client] >= self.per_client:
-            return (f"your address holds {self.per_client:,} connections to this server already "
-                    "(DIGITS_MAX_CONNECTIONS_PER_CLIENT); reuse them or close some")
+        if self.by_client[client] >= self.per_client and self.held >= self.total // 2:
+            return (f"your address holds {self.by_client[client]:,} connections to this server, more than "
+                    f"DIGITS_MAX_CONNECTIONS_PER_CLIENT={self.per_client:,} while it is busy; reuse them or close some")
         self.held += 1
         self.by_client[client] += 1
         return None

@@ -56,8 +56,8 @@ class Settings(BaseSettings):
         "read_timeout)")
     max_connections: int = Field(1024, ge=1, description="concurrent connections per API server (503 above)")
     max_connections_per_client: int = Field(
-        128, ge=1, description="concurrent connections of one client address per API server (503 above); behind a "
-        "proxy, set it to max_connections")
+        128, ge=1, description="concurrent connections of one client address per API server while it holds half "
+        "of max_connections or more (503 above); behind a proxy, set it to max_connections")
     max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
 

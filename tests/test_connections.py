@@ -127,6 +127,20 @@ def test_one_address_cannot_take_every_connection(bounded: ServerProcess) -> Non
             sock.close()
 
 
+def test_an_idle_server_lets_one_address_hold_more_than_its_share(bounded: ServerProcess) -> None:
+    held = [connect_from(bounded, "127.0.0.6") for _ in range(TOTAL // 2 - 1)]  # more than PER_CLIENT
+    try:
+        time.sleep(0.3)
+        assert health_from(bounded, "127.0.0.6")[0] == 200  # e.g. a script holding its responses
+        more = [connect_from(bounded, "127.0.0.6") for _ in range(2)]  # now half the cap is taken
+        held += more
+        time.sleep(0.3)
+        assert health_from(bounded, "127.0.0.6")[0] == 503 and health_from(bounded, "127.0.0.1")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_over_the_server_cap_the_answer_is_a_json_503(bounded: ServerProcess) -> None:
     addresses = [f"127.0.0.{3 + i}" for i in range(TOTAL // PER_CLIENT)]
     held = [connect_from(bounded, address) for address in addresses for _ in range(PER_CLIENT)]

@@ -239,7 +239,7 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
     assert schemes["AdminToken"]["scheme"] == schemes["FeedbackToken"]["scheme"] == "bearer"
     admin_operations = [(path, op) for path, item in document["paths"].items() if path.startswith("/admin/")
                         for op in item.values()]
-    assert len(admin_operations) == 5
+    assert len(admin_operations) == 6
     for path, operation in admin_operations:
         assert operation["security"] == [{"AdminToken": []}], path
         assert {"401", "403"} <= set(operation["responses"]), path
@@ -248,9 +248,12 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
     assert {"archive", "files", "labels", "epochs"} <= set(content["multipart/form-data"]["schema"]["properties"])
     sample = content["application/json"]["schema"]["properties"]["samples"]["anyOf"][0]["items"]
     assert sample["properties"]["label"]["type"] == "integer" and "$ref" not in str(content)
-    assert {"413", "415", "422"} <= set(finetune["responses"])
-    for path, method in (("/admin/jobs/{job_id}", "get"), ("/admin/models/{version}/activate", "post")):
+    assert {"413", "415", "422", "429"} <= set(finetune["responses"])
+    for path, method in (("/admin/jobs/{job_id}", "get"), ("/admin/jobs/{job_id}", "delete"),
+                         ("/admin/models/{version}/activate", "post")):
         assert "404" in document["paths"][path][method]["responses"]
+    assert {"202", "409"} <= set(document["paths"]["/admin/jobs/{job_id}"]["delete"]["responses"])
+    assert "202" in document["paths"]["/admin/models/{version}/activate"]["post"]["responses"]
     feedback = document["paths"]["/feedback"]["post"]
     assert {"401", "413", "429", "507"} <= set(feedback["responses"])
     assert feedback["security"] == [{"FeedbackToken": []}]
