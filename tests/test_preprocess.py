@@ -17,6 +17,7 @@ from model.preprocess import (
     ImageTooLarge,
     NoInk,
     NotAnImage,
+    already_mnist,
     declared_pixels,
     prepare_digit,
 )
@@ -108,6 +109,20 @@ def test_output_is_centred_mnist_style(mnist_test) -> None:
     cx = (mass.sum(0) @ np.arange(28)) / mass.sum()
     assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1
     assert out[0].max() == 0 and out[:, 0].max() == 0  # white digit on black
+
+
+def test_a_digit_in_mnists_own_format_is_read_as_it_is(mnist_test) -> None:
+    digit = mnist_test[0][0].numpy()
+    assert already_mnist(digit)
+    assert np.array_equal(prepare_digit(encode(Image.fromarray(digit))), digit)  # not re-normalised
+    moved = np.roll(digit, 3, axis=1)  # off centre: normalised again, back to the centre
+    assert not already_mnist(moved)
+    out = prepare_digit(encode(Image.fromarray(moved)))
+    cx = (out.astype(float).sum(0) @ np.arange(28)) / out.sum()
+    assert abs(cx - 13.5) <= 1
+    faint = (digit // 40).astype(np.uint8)  # barely visible ink still gets the no-ink answer
+    with pytest.raises(NoInk):
+        prepare_digit(encode(Image.fromarray(faint)))
 
 
 @pytest.mark.parametrize("value", [0, 255, 128])

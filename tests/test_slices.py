@@ -74,8 +74,6 @@ def test_photos_read_at_least_98_percent(right) -> None:
     assert photos.mean() >= 0.98
 
 
-@pytest.mark.xfail(reason="not reached: today's base model reads the 10,000 MNIST test PNGs at 99.45 % through the "
-                          "preprocessing (99.52 % on the raw tensors); a longer or randomized base training is open")
 def test_the_whole_mnist_test_set_as_pngs_reads_at_least_99_5_percent(mnist_test, base_registry) -> None:
     images, labels = (t.numpy() for t in mnist_test)
     whole = slices.Slice("mnist_test", "all 10,000", tuple(encode_png(d) for d in images), labels.astype(np.int64))
