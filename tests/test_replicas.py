@@ -85,8 +85,11 @@ def test_a_killed_trainer_is_replaced_then_a_promotion_reaches_every_replica_und
     topology.trainer.signal_group(signal.SIGKILL)  # the topology's supervisor starts a new trainer
     assert wait_until(lambda: topology.trainer.alive() and topology.trainer.pid != trainer_pid, 10)
     with Load(front, [png], clients=2, pause=0.005, max_seconds=600) as load:
+        # what is tested here is how a promotion travels, not the gate: a fine-tune on 100 MNIST digits
+        # can really cost the 8 px slice (measured: 97.5 -> 93.5 %), so the slices report, not block
         promoted = requests.post(f"{front}/admin/finetune", headers=AUTH, timeout=60,
-                                 json={"samples": samples(mnist_test, 1000, 100), "epochs": 2}).json()
+                                 json={"samples": samples(mnist_test, 1000, 100), "epochs": 2,
+                                       "guard_slices": False}).json()
         # any replica follows any job: they all read the one registry
         for replica in replicas:
             assert job(replica.url, promoted["job_id"])["samples"] == 100
