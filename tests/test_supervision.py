@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+import psutil
 import requests
 
 from service.predictor import WORKER_WATCH_SECONDS
@@ -70,6 +71,19 @@ def test_a_crash_loop_stops_the_server_with_a_clear_line(start_server, registry_
                           inference="worker", trainer_enabled="false")
     assert server.process.wait(120) == 0
     assert "crash loop" in server.log_tail(20000)
+
+
+def test_a_dead_litserve_manager_stops_the_server_with_a_clear_line(start_server, registry_copy) -> None:
+    """LitServe's manager process holds its shutdown event: without it nothing can be supervised."""
+    server = start_server(registry_copy.root, api_servers=1, trainer_enabled="false")
+    api_servers = {json.loads(line)["pid"] for line in server.log_tail(10**6).splitlines()
+                   if '"API server ' in line and "started (pid" in line}
+    forked = [child for child in psutil.Process(server.process.pid).children()
+              if child.cmdline()[-2:] == ["-m", "service"] and child.pid not in api_servers]
+    assert len(forked) == 1, forked  # the manager: the one forked child that is not an API server
+    forked[0].kill()
+    assert server.process.wait(60) == 1
+    assert "LitServe's manager process died; stopping the server" in server.log_tail(20000)
 
 
 def test_a_killed_trainer_is_replaced_and_the_new_one_runs_the_queue(start_server, registry_copy,
