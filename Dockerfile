@@ -67,7 +67,7 @@ USER 10001
 VOLUME ["/app/registry", "/app/data"]
 # MNIST and the base model on a fresh volume (skipped when there), then the fine-tune trainer;
 # every version it publishes carries model.onnx, so serve-cpu replicas can serve it.
-CMD ["sh", "-c", "python -m model prepare-data && python -m model train --if-missing && exec python -m service.trainer"]
+CMD ["sh", "-c", "python -m model prepare-data && python -m model train --if-missing && exec python -m service.finetune.trainer"]
 
 # ---------------------------------------------------------------- torch on CUDA: GPU serving
 FROM python-base AS cuda

@@ -55,7 +55,7 @@ replicas-tools:
 
 replicas: train replicas-tools
 	@echo "==> nginx on http://127.0.0.1:8000 in front of 3 replicas and a trainer on a copy of $(REGISTRY)"
-	$(PY) -m loadtest.replicas
+	$(PY) -m devtools.replicas
 
 test: train browser replicas-tools fonts
 	@echo "==> tests"

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest.serverctl import ROOT, peer, private_registry, service
+from devtools.serverctl import ROOT, peer, private_registry, service
 from loadtest.v2_bench import print_rows as print_v2_rows
 from loadtest.v2_bench import v2_rows
 from model.data import IDX_FILES, raw_dir, read_idx

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from devtools.serverctl import ROOT, private_registry, service
 from loadtest.bench import hey, multipart_body
-from loadtest.serverctl import ROOT, private_registry, service
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
 

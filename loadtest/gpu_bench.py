@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.nets import build  # noqa: E402
-from service.runtimes import ProbabilityHead  # noqa: E402
+from service.inference.runtimes import ProbabilityHead  # noqa: E402
 
 BATCHES = (1, 8, 64, 256, 1024, 4096)
 
@@ -72,7 +72,7 @@ def bench_service(seconds: float = 20.0, clients: int = 32) -> dict | None:
 
         import requests
 
-        from loadtest.serverctl import service
+        from devtools.serverctl import service
         from model.preprocess import encode_png
     except ImportError as exc:
         print(f"(service benchmark skipped: {exc})")

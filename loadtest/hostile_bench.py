@@ -21,8 +21,8 @@ import numpy as np
 import requests
 from PIL import Image
 
+from devtools.serverctl import ROOT, private_registry, service
 from loadtest.bench import BOUNDARY, multipart_body
-from loadtest.serverctl import ROOT, private_registry, service
 
 
 def huge_png() -> bytes:

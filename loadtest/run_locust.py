@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.serverctl import ROOT, is_up, private_registry, service
+from devtools.serverctl import ROOT, is_up, private_registry, service
 from service.settings import Settings
 
 

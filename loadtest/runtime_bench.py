@@ -18,9 +18,9 @@ import torch
 from model.nets import ProbabilityHead
 from model.onnx_serving import ensure_onnx
 from model.registry import Registry
-from service.runtimes import OnnxRuntime, time_runtime
+from service.inference.runtimes import OnnxRuntime, time_runtime
+from service.inference.torch_runtime import CompiledTorchRuntime
 from service.settings import Settings
-from service.torch_runtime import CompiledTorchRuntime
 
 BATCHES = (1, 8, 64)
 

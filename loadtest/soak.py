@@ -29,7 +29,7 @@ import psutil
 import requests
 from PIL import Image
 
-from loadtest.serverctl import ROOT, private_registry, service
+from devtools.serverctl import ROOT, private_registry, service
 from loadtest.v2_bench import v2_binary_body
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png

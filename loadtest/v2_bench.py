@@ -28,7 +28,7 @@ import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 
-from loadtest.serverctl import ROOT, private_registry, service
+from devtools.serverctl import ROOT, private_registry, service
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
 

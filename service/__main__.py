@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None, lit_api_class: type | None = None) -> in
 
     from model.onnx_serving import OnnxUnavailable, ensure_onnx
     from model.registry import Registry
-    from service import litserve_adapter as adapter
-    from service import placement
-    from service.http_protocol import timed_protocol
+    from service.http.protocol import timed_protocol
+    from service.inference import litserve_adapter as adapter
+    from service.inference import placement
     from service.logs import configure_logging
     from service.server import build_server
 

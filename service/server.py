@@ -12,16 +12,19 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.registry import Registry
-from service import admin, feedback, inputs, ops, predict, readiness, v2
-from service import litserve_adapter as adapter
-from service.errors import install_error_handlers
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.model_slot import ModelSlot
-from service.placement import Placement, runtime_options
-from service.predict import PredictEndpoint
-from service.predictor import InProcessPredictor, WorkerPredictor, serve_with
+from service import v2
+from service.http import inputs
+from service.http.errors import install_error_handlers
+from service.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.inference import litserve_adapter as adapter
+from service.inference import readiness
+from service.inference.model_slot import ModelSlot
+from service.inference.placement import Placement, runtime_options
+from service.inference.predictor import InProcessPredictor, WorkerPredictor, serve_with
+from service.inference.worker import PredictAPI
+from service.routes import admin, feedback, ops, predict
+from service.routes.predict import PredictEndpoint
 from service.settings import Settings
-from service.worker import PredictAPI
 
 log = logging.getLogger("digits.server")
 
@@ -91,7 +94,7 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
 
 
 def _start_trainer(settings: Settings):
-    from service.trainer import start_trainer  # torch: imported only where a trainer runs
+    from service.finetune.trainer import start_trainer  # torch: imported only where a trainer runs
 
     return start_trainer(settings)
 

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         description="how long an activation waits for every model holder to serve the version (then 202)",
     )
 
-    # replicas: a standalone trainer (python -m service.trainer) beside serving replicas
+    # replicas: a standalone trainer (python -m service.finetune.trainer) beside serving replicas
     trainer_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="standalone trainer: serve its /metrics on DIGITS_HOST:this port"
     )

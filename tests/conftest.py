@@ -19,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from loadtest.serverctl import ServerProcess, private_registry, settings_env
+from devtools.serverctl import ServerProcess, private_registry, settings_env
 from model import data
 from model.preprocess import encode_png
 from model.registry import Registry

@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from service import runtimes, torch_runtime
 from service.__main__ import main
-from service.worker import PredictAPI
+from service.inference import runtimes, torch_runtime
+from service.inference.worker import PredictAPI
 
 POISON_INK = 80_000  # a preprocessed digit with this much ink: a filled square, never a real digit
 

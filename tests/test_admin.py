@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from loadtest.serverctl import ServerProcess
+from devtools.serverctl import ServerProcess
 from tests.conftest import (
     copy_registry,
     png_of,

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from loadtest.serverctl import ServerProcess
+from devtools.serverctl import ServerProcess
 from tests.conftest import copy_registry, service_process, wait_until
 
 

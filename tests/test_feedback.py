@@ -12,11 +12,11 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from loadtest.serverctl import ServerProcess
+from devtools.serverctl import ServerProcess
 from model.registry import Registry
-from service.errors import ClientError
-from service.feedback_store import SAMPLE_BYTES, FeedbackStore
-from service.ratelimit import TokenBuckets
+from service.finetune.feedback_store import SAMPLE_BYTES, FeedbackStore
+from service.http.errors import ClientError
+from service.http.ratelimit import TokenBuckets
 from tests.conftest import copy_registry, png_of, service_process, zip_of
 
 ADMIN = {"Authorization": "Bearer admin-token-1"}

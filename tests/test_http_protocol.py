@@ -1,11 +1,11 @@
-"""The response-head holding transport (service.http_protocol): a small response leaves in one
+"""The response-head holding transport (service.http.protocol): a small response leaves in one
 write, and holding never reorders, drops or strands a write."""
 
 from __future__ import annotations
 
 import asyncio
 
-from service.http_protocol import HeadHoldingTransport
+from service.http.protocol import HeadHoldingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 

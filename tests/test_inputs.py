@@ -7,10 +7,10 @@ import base64
 import pytest
 from pydantic import ValidationError
 
-from service.errors import ClientError
-from service.inputs import decode_base64
-from service.labels import parse_label
-from service.schemas import FinetuneJSON, LabelledImageJSON
+from service.http.errors import ClientError
+from service.http.inputs import decode_base64
+from service.http.labels import parse_label
+from service.routes.schemas import FinetuneJSON, LabelledImageJSON
 
 # str.isdigit() accepts all of these; int() takes some of them as digits. None is a label.
 NOT_LABELS = ["²", "₀", "፪", "٧", "𝟕", "７", "10", "-1", " 7", "7 ", "", "a", "7.0"]

@@ -1,4 +1,4 @@
-"""What service/litserve_adapter.py relies on in LitServe's insides, checked against the installed
+"""What service/inference/litserve_adapter.py relies on in LitServe's insides, checked against the installed
 LitServe (pinned). A LitServe upgrade that changes any of it fails here, not in production."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from litserve.loops.simple_loops import BatchedLoop, SingleLoop
 from litserve.server import LitServer, _Server
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-from service import litserve_adapter as adapter
+from service.inference import litserve_adapter as adapter
 
 
 def test_the_adapter_refuses_any_other_litserve_version() -> None:
-    code = "import litserve; litserve.__version__ = '0.3.0'; import service.litserve_adapter"
+    code = "import litserve; litserve.__version__ = '0.3.0'; import service.inference.litserve_adapter"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "LitServe 0.3.0 is installed" in result.stderr
 

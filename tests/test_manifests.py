@@ -126,7 +126,7 @@ def test_serving_runs_no_trainer_and_exactly_one_trainer_runs() -> None:
     [server] = serving["spec"]["template"]["spec"]["containers"]
     assert environment(server)["DIGITS_TRAINER_ENABLED"] == "false"
     [train] = trainer["spec"]["template"]["spec"]["containers"]
-    assert train["command"] == ["python", "-m", "service.trainer"]
+    assert train["command"] == ["python", "-m", "service.finetune.trainer"]
     assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
 
 
@@ -144,7 +144,7 @@ def test_admin_token_file_is_where_the_secret_is_mounted() -> None:
 def test_python_modules_in_commands_exist() -> None:
     modules = {module for _, container in containers()
                for module in re.findall(r"python -m ([\w.]+)", " ".join(container.get("command", [])))}
-    assert {"service", "service.trainer", "model"} <= modules
+    assert {"service", "service.finetune.trainer", "model"} <= modules
     assert [m for m in sorted(modules) if importlib.util.find_spec(m) is None] == []
 
 
@@ -155,7 +155,7 @@ def app_routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     scratch = tmp_path_factory.mktemp("routes")
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom service.settings import Settings\n"
-        "from service.placement import decide\nfrom service.server import build_server\n"
+        "from service.inference.placement import decide\nfrom service.server import build_server\n"
         "settings = Settings(run_dir=Path(sys.argv[1]) / 'run', registry=Path(sys.argv[1]) / 'registry')\n"
         "app = build_server(settings, decide(settings)).app\n"
         "print(json.dumps(sorted(app.openapi()['paths'])))\n"

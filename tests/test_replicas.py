@@ -1,5 +1,5 @@
 """Replicas as one service: nginx in front of three replicas and one trainer on a shared
-registry (loadtest/replicas.py, what `make replicas` runs), Prometheus scraping them, all real.
+registry (devtools/replicas.py, what `make replicas` runs), Prometheus scraping them, all real.
 
 The tests share one topology and run in any order: a killed trainer is replaced and a fine-tune
 then promotes under load; Prometheus counts every prediction; a replica killed under load
@@ -21,7 +21,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.replicas import Replica, Topology, free_port
+from devtools.replicas import Replica, Topology, free_port
 from tests.conftest import BASE_REGISTRY, DATA_DIR, png_of, still_running, wait_until
 from tests.load import Load
 

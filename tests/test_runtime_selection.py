@@ -16,8 +16,8 @@ from model.data import normalize
 from model.nets import build
 from model.preprocess import prepare_digit
 from model.publish import PARITY_IMAGES, publish_model
-from service.model_slot import ModelSlot
-from service.runtimes import RuntimeOptions
+from service.inference.model_slot import ModelSlot
+from service.inference.runtimes import RuntimeOptions
 from tests.conftest import png_of, post_png, wait_until
 
 

@@ -12,8 +12,8 @@ from torch._dynamo.utils import counters
 
 from model.data import normalize
 from model.onnx_serving import ensure_onnx
-from service.runtimes import OnnxRuntime, RuntimeOptions, choose_runtime
-from service.torch_runtime import CompiledTorchRuntime
+from service.inference.runtimes import OnnxRuntime, RuntimeOptions, choose_runtime
+from service.inference.torch_runtime import CompiledTorchRuntime
 
 
 def eager_probabilities(model, pixels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import requests
 
-from loadtest.serverctl import ServerProcess
+from devtools.serverctl import ServerProcess
 from tests.conftest import copy_registry, png_of, post_png, service_process, still_running, wait_until
 from tests.faults import poison_png
 

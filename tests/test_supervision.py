@@ -14,7 +14,7 @@ import time
 import psutil
 import requests
 
-from service.predictor import WORKER_WATCH_SECONDS
+from service.inference.predictor import WORKER_WATCH_SECONDS
 from tests.conftest import png_of, post_png, wait_until
 from tests.load import Load
 

@@ -19,7 +19,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from loadtest.serverctl import ServerProcess, settings_env
+from devtools.serverctl import ServerProcess, settings_env
 from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ort_session
 from model.publish import PARITY_IMAGES, publish_model
 from tests.conftest import ROOT, png_of, post_png, serves_everywhere, service_process, wait_until
@@ -128,7 +128,7 @@ def test_a_version_without_onnx_is_reported_then_served_once_exported(start_torc
 
     # the trainer (with torch) exports what the registry's versions lack when it starts
     trainer = ServerProcess(env=settings_env(registry=registry_copy.root, data_dir=data_dir),
-                            command=[sys.executable, "-m", "service.trainer"]).start(tmp_path, wait_ready=0)
+                            command=[sys.executable, "-m", "service.finetune.trainer"]).start(tmp_path, wait_ready=0)
     try:
         assert wait_until(lambda: requests.get(f"{server.url}/ready", timeout=2).status_code == 200, 120.0), \
             trainer.log_tail()

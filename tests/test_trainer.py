@@ -1,4 +1,4 @@
-"""The standalone trainer (``python -m service.trainer``): one at a time on a shared registry,
+"""The standalone trainer (``python -m service.finetune.trainer``): one at a time on a shared registry,
 a killed one's job marked failed by its replacement, SIGTERM mid-job."""
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 
 from model.registry import Registry
-from service.jobs import JobStore
-from service.schemas import FinetuneOptions
+from service.finetune.jobs import JobStore
+from service.routes.schemas import FinetuneOptions
 from tests.conftest import DATA_DIR, ROOT, wait_until
 
 
 class Trainer:
-    """A real ``python -m service.trainer`` in its own process group."""
+    """A real ``python -m service.finetune.trainer`` in its own process group."""
 
     def __init__(self, registry: Path, log_path: Path) -> None:
         self.log_path = log_path
         env = {**os.environ, "DIGITS_REGISTRY": str(registry), "DIGITS_DATA_DIR": str(DATA_DIR),
                "DIGITS_LOG_LEVEL": "info"}
         with open(log_path, "wb") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "service.trainer"], cwd=ROOT, env=env,
+            self.process = subprocess.Popen([sys.executable, "-m", "service.finetune.trainer"], cwd=ROOT, env=env,
                                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import litserve_adapter as adapter
+from service.inference import litserve_adapter as adapter
 from service.settings import Settings
 from service.v2.errors import ProtocolError
 from service.v2.rest import protocol_error, router

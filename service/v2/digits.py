@@ -17,9 +17,9 @@ import numpy as np
 from fastapi import HTTPException
 
 from model.registry import Registry
-from service.errors import echo
-from service.inputs import ClientError, digit_from_bytes_async
-from service.predictor import Prediction, Predictor
+from service.http.errors import echo
+from service.http.inputs import ClientError, digit_from_bytes_async
+from service.inference.predictor import Prediction, Predictor
 from service.settings import Settings
 from service.v2.errors import ProtocolError, bad_request
 from service.v2.schemas import ModelMetadata, ServerMetadata, TensorMetadata

@@ -16,8 +16,8 @@ import numpy as np
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError
 
-from service import readiness
-from service.predictor import Predictor, predictor_of
+from service.inference import readiness
+from service.inference.predictor import Predictor, predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request

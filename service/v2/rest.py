@@ -16,9 +16,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import readiness
-from service.errors import CLIENT_CLOSED_REQUEST, echo
-from service.predictor import predictor_of
+from service.http.errors import CLIENT_CLOSED_REQUEST, echo
+from service.inference import readiness
+from service.inference.predictor import predictor_of
 from service.settings import Settings
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request

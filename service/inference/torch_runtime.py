@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.nets import ProbabilityHead
-from service.runtimes import TORCH_COMPILE
+from service.inference.runtimes import TORCH_COMPILE
 
 log = logging.getLogger("digits.runtime")
 

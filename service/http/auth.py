@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import ClientError
+from service.http.errors import ClientError
 
 admin_scheme = HTTPBearer(scheme_name="AdminToken", auto_error=False,
                           description="DIGITS_ADMIN_TOKEN (or the file DIGITS_ADMIN_TOKEN_FILE)")

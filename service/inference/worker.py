@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service import litserve_adapter as adapter
-from service import metrics, readiness
+from service import metrics
+from service.inference import litserve_adapter as adapter
+from service.inference import readiness
 from service.settings import Settings
 
 log = logging.getLogger("digits.worker")
@@ -45,9 +46,9 @@ class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
         self.settings = settings
 
     def setup_model(self, device: str) -> None:
+        from service.inference.model_slot import ModelSlot
+        from service.inference.placement import runtime_options
         from service.logs import configure_logging
-        from service.model_slot import ModelSlot
-        from service.placement import runtime_options
 
         configure_logging(self.settings.log_level)
         index = adapter.process_index()

@@ -22,9 +22,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from model.preprocess import ImageProblem, declared_pixels, prepare_digit
-from service.bodies import is_json, kind_of, multipart_field, parse_json
-from service.errors import ClientError
-from service.schemas import PredictJSON
+from service.http.bodies import is_json, kind_of, multipart_field, parse_json
+from service.http.errors import ClientError
+from service.routes.schemas import PredictJSON
 
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
 HEAVY_DECODES = 1  # background processes decoding bigger images, per API server

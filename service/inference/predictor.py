@@ -16,11 +16,11 @@ from typing import Protocol
 import numpy as np
 from fastapi import FastAPI
 
-from service import litserve_adapter as adapter
-from service import readiness
-from service.errors import ClientError
-from service.model_slot import ModelSlot, ModelUnavailable
-from service.worker import ItemResult, WorkItem
+from service.http.errors import ClientError
+from service.inference import litserve_adapter as adapter
+from service.inference import readiness
+from service.inference.model_slot import ModelSlot, ModelUnavailable
+from service.inference.worker import ItemResult, WorkItem
 
 log = logging.getLogger("digits.predictor")
 WORKER_WATCH_SECONDS = 0.1

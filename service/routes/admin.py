@@ -20,16 +20,16 @@ from starlette.datastructures import FormData, UploadFile
 
 from model.preprocess import ImageProblem, prepare_digit
 from model.registry import RECORD_ID, VERSION_ID, RegistryError
-from service import readiness
-from service.archives import ArchiveLimits, read_image_folder
-from service.auth import require_admin
-from service.bodies import read_body
-from service.errors import ClientError, validation_detail
-from service.feedback_store import FeedbackStore
-from service.inputs import decode_base64
-from service.jobs import JobFinished, QueueFull
-from service.labels import parse_label
-from service.schemas import (
+from service.finetune.archives import ArchiveLimits, read_image_folder
+from service.finetune.feedback_store import FeedbackStore
+from service.finetune.jobs import JobFinished, QueueFull
+from service.http.auth import require_admin
+from service.http.bodies import read_body
+from service.http.errors import ClientError, validation_detail
+from service.http.inputs import decode_base64
+from service.http.labels import parse_label
+from service.inference import readiness
+from service.routes.schemas import (
     ActivateResponse,
     ErrorBody,
     FinetuneJSON,
@@ -40,8 +40,8 @@ from service.schemas import (
     ModelEntry,
     inline_schema,
 )
+from service.routes.stores import FeedbackStoreDep, JobsDep, RegistryDep, SettingsDep
 from service.settings import Settings
-from service.stores import FeedbackStoreDep, JobsDep, RegistryDep, SettingsDep
 
 OPTION_FIELDS = tuple(FinetuneOptions.model_fields)
 Named = list[tuple[str, int, bytes]]  # (sample name, label, image bytes)

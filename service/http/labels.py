@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field, Strict
 
-from service.errors import ClientError
+from service.http.errors import ClientError
 
 DIGITS = "0123456789"
 

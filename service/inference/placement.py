@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
-from service.runtimes import RuntimeOptions
+from service.inference.runtimes import RuntimeOptions
 from service.settings import Settings
 
 
@@ -69,7 +69,8 @@ def torch_problem(settings: Settings, placement: Placement) -> str | None:
                 "in the API servers), or use an image with torch (cuda, trainer)")
     if settings.trainer_enabled:
         return ("the fine-tune trainer needs torch, and torch is not installed here: set DIGITS_TRAINER_ENABLED=false "
-                "(a trainer elsewhere, `python -m service.trainer` on the same registry, runs the queued jobs) or "
+                "(a trainer elsewhere, `python -m service.finetune.trainer` on the same registry, runs the queued "
+                "jobs) or "
                 "install digit-service[train]")
     return None
 

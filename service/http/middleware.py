@@ -11,8 +11,8 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.bodies import byte_count
-from service.errors import CLIENT_CLOSED_REQUEST, json_error, json_parts
+from service.http.bodies import byte_count
+from service.http.errors import CLIENT_CLOSED_REQUEST, json_error, json_parts
 
 access_log = logging.getLogger("digits.access")
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")

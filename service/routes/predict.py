@@ -18,11 +18,11 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from model.preprocess import encode_png
-from service.errors import ClientError, json_error
-from service.inputs import digit_from_bytes_async, image_bytes
-from service.middleware import header
-from service.predictor import predictor_of
-from service.schemas import ErrorBody, PredictJSON, PredictResponse
+from service.http.errors import ClientError, json_error
+from service.http.inputs import digit_from_bytes_async, image_bytes
+from service.http.middleware import header
+from service.inference.predictor import predictor_of
+from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
 
 log = logging.getLogger("digits.predict")
 PATH = "/predict"

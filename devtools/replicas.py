@@ -1,11 +1,11 @@
 """The Kubernetes topology on one machine, with real parts: nginx (the Service) in front of N
 serving replicas (``python -m service`` with ``DIGITS_TRAINER_ENABLED=false``) and one
-standalone trainer (``python -m service.trainer``) on one shared registry, optionally
+standalone trainer (``python -m service.finetune.trainer``) on one shared registry, optionally
 Prometheus scraping them all. A supervisor plays the kubelet and the endpoints controller:
 it restarts a replica or trainer that dies, and nginx's upstreams are the replicas that are
 alive and ready (rewritten and reloaded when that changes).
 
-``python -m loadtest.replicas`` (``make replicas``) runs it until Ctrl+C or SIGTERM, which
+``python -m devtools.replicas`` (``make replicas``) runs it until Ctrl+C or SIGTERM, which
 stop everything it started. Tests use :class:`Topology` as a context manager.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from loadtest.serverctl import ROOT, private_registry
+from devtools.serverctl import ROOT, private_registry
 
 log = logging.getLogger("digits.replicas")
 NGINX_TEMPLATE = ROOT / "deploy" / "local" / "nginx.conf.template"
@@ -238,7 +238,7 @@ class Topology:
                      "DIGITS_API_SERVERS": "1", "DIGITS_RUN_DIR": str(root / "run" / f"replica-{index}")},
                 port=replica_port))
         self.trainer_metrics_port = free_port()
-        self.trainer = Child("trainer", [sys.executable, "-m", "service.trainer"], logs / "trainer.log",
+        self.trainer = Child("trainer", [sys.executable, "-m", "service.finetune.trainer"], logs / "trainer.log",
                              env={**shared, "DIGITS_TRAINER_METRICS_PORT": str(self.trainer_metrics_port)})
         self.nginx = Nginx(port or free_port())
         self.prometheus = (Prometheus(prometheus_port, root / "prometheus", [r.port for r in self.replicas],

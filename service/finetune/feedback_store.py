@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save
 
 from model.atomic import atomic_write_bytes
 from model.registry import Registry, new_record_id
-from service.errors import ClientError
+from service.http.errors import ClientError
 
 
 def encode_sample(pixels: np.ndarray, label: int) -> bytes:

@@ -3,7 +3,7 @@
 A runtime turns a uint8 batch [n,28,28] (white digit on black) into probabilities [n,10].
 Both run :class:`model.nets.ProbabilityHead`: compiled by torch, or exported to ONNX.
 
-No torch here: the compiled runtime (:mod:`service.torch_runtime`) is imported only when it is
+No torch here: the compiled runtime (:mod:`service.inference.torch_runtime`) is imported only when it is
 built, so ONNX Runtime serves where torch is not installed (the ``serve-cpu`` image).
 """
 
@@ -67,7 +67,7 @@ def build_runtime(kind: str, registry: Registry, version: str, options: RuntimeO
     if kind == "onnx":
         path = ensure_onnx(registry, version, options.data_dir)
         return OnnxRuntime(path, version, manifest.arch, options.threads, options.device)
-    from service.torch_runtime import CompiledTorchRuntime
+    from service.inference.torch_runtime import CompiledTorchRuntime
 
     model, _ = registry.load_model(version)
     return CompiledTorchRuntime(model, version, manifest.arch, options.device, list(options.buckets))

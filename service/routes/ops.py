@@ -7,7 +7,8 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from service import metrics, readiness
+from service import metrics
+from service.inference import readiness
 
 router = APIRouter(tags=["operations"])
 PAGE = (resources.files("service") / "static" / "index.html").read_text()

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from model.registry import Registry
-from service.feedback_store import FeedbackStore
-from service.jobs import JobStore
+from service.finetune.feedback_store import FeedbackStore
+from service.finetune.jobs import JobStore
 from service.settings import Settings
 
 

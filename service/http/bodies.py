@@ -11,7 +11,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
 
-from service.errors import ClientError, validation_detail
+from service.http.errors import ClientError, validation_detail
 
 Model = TypeVar("Model", bound=BaseModel)
 

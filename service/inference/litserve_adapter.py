@@ -63,7 +63,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 PINNED_VERSION = "0.2.19"
 if ls.__version__ != PINNED_VERSION:
     raise ImportError(
-        f"digit-service adapts LitServe {PINNED_VERSION}'s internals (service/litserve_adapter.py) but "
+        f"digit-service adapts LitServe {PINNED_VERSION}'s internals (service/inference/litserve_adapter.py) but "
         f"LitServe {ls.__version__} is installed: pin litserve=={PINNED_VERSION} or port the adapter"
     )
 

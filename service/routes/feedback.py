@@ -13,14 +13,14 @@ from functools import cache
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData, UploadFile
 
-from service.auth import require_feedback_token
-from service.bodies import read_body
-from service.errors import ClientError
-from service.inputs import decode_base64, digit_from_bytes_async
-from service.labels import parse_label
-from service.ratelimit import TokenBuckets
-from service.schemas import ErrorBody, FeedbackResponse, LabelledImageJSON, inline_schema
-from service.stores import FeedbackStoreDep, SettingsDep
+from service.http.auth import require_feedback_token
+from service.http.bodies import read_body
+from service.http.errors import ClientError
+from service.http.inputs import decode_base64, digit_from_bytes_async
+from service.http.labels import parse_label
+from service.http.ratelimit import TokenBuckets
+from service.routes.schemas import ErrorBody, FeedbackResponse, LabelledImageJSON, inline_schema
+from service.routes.stores import FeedbackStoreDep, SettingsDep
 
 
 @cache

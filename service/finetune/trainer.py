@@ -2,7 +2,7 @@
 
 Out of the request path, with its torch threads capped so serving keeps its latency. It runs
 beside the server (``DIGITS_TRAINER_ENABLED=true``) or on its own (``python -m
-service.trainer``), for a deployment whose serving replicas run with
+service.finetune.trainer``), for a deployment whose serving replicas run with
 ``DIGITS_TRAINER_ENABLED=false``. A file lock in the registry makes it one trainer even
 across replicas sharing the registry; a second one waits for the lock and takes over when
 the first dies. On taking the lock it marks jobs left ``running`` by a crash as failed.
@@ -36,8 +36,8 @@ from model.registry import Registry
 from model.slices import ReadSlice, gate_suite
 from model.train import EpochStats
 from service import metrics
-from service.jobs import JobStore
-from service.schemas import JobRecord, JobState
+from service.finetune.jobs import JobStore
+from service.routes.schemas import JobRecord, JobState
 from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
@@ -203,7 +203,7 @@ def start_trainer(settings: Settings) -> mp.Process:
 
 
 def main() -> int:
-    """``python -m service.trainer``: the trainer on its own until SIGTERM or SIGINT, for a
+    """``python -m service.finetune.trainer``: the trainer on its own until SIGTERM or SIGINT, for a
     deployment whose serving replicas run with ``DIGITS_TRAINER_ENABLED=false``."""
     from service.logs import configure_logging
 

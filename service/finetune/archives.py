@@ -16,8 +16,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from service.errors import ClientError, echo
-from service.labels import parse_label
+from service.http.errors import ClientError, echo
+from service.http.labels import parse_label
 
 IGNORED_PARTS = ("__MACOSX",)
 CENTRAL_DIRECTORY_ENTRY = b"PK\x01\x02"  # the signature every zip central-directory entry starts with

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.finetune_options import FinetuneOptions
-from service.labels import Label
+from service.http.labels import Label
 
 
 class PredictJSON(BaseModel):

@@ -23,7 +23,7 @@ import numpy as np
 from model.onnx_serving import OnnxUnavailable
 from model.registry import Registry
 from service import metrics
-from service.runtimes import Choice, Runtime, RuntimeOptions, build_runtime, choose_runtime, is_compiled
+from service.inference.runtimes import Choice, Runtime, RuntimeOptions, build_runtime, choose_runtime, is_compiled
 
 log = logging.getLogger("digits.model")
 SWAP_POLL_SECONDS = 0.25

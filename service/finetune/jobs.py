@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from model.atomic import atomic_file, atomic_write_bytes
 from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
-from service.schemas import FINISHED_STATES, FinetuneOptions, JobRecord, JobState
+from service.routes.schemas import FINISHED_STATES, FinetuneOptions, JobRecord, JobState
 
 PENDING_STATES = (JobState.QUEUED, JobState.RUNNING)
 

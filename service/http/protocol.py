@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
-from service.errors import error_body
+from service.http.errors import error_body
 from service.settings import Settings
 
 STATUS_LINE_START = b"HTTP/1.1 "
