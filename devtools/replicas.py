@@ -12,7 +12,6 @@ stop everything it started. Tests use :class:`Topology` as a context manager.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +30,8 @@ from pathlib import Path
 
 import requests
 
-from devtools.serverctl import ROOT, private_registry
+from devtools.processes import ROOT, Child, free_port, is_up
+from devtools.serverctl import private_registry
 
 log = logging.getLogger("digits.replicas")
 NGINX_TEMPLATE = ROOT / "deploy" / "local" / "nginx.conf.template"
@@ -42,72 +41,21 @@ RESTART_LIMIT = 5  # restarts of one process within the window: a crash loop, gi
 RESTART_WINDOW_SECONDS = 60.0
 
 
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` when it is free on 127.0.0.1, else any free port."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", preferred))
-        except OSError:
-            sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def unprivileged_user() -> pwd.struct_passwd | None:
     """nobody when we are root (nginx and nothing else then runs as root); None otherwise."""
     return pwd.getpwnam("nobody") if os.geteuid() == 0 else None
 
 
 @dataclass
-class Child:
-    """One supervised process in its own process group (its whole tree is stopped together)."""
+class Supervised(Child):
+    """A child the supervisor restarts when it exits, until it exits too often."""
 
-    name: str
-    command: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    user: pwd.struct_passwd | None = None
-    process: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     given_up: bool = False  # a crash loop: the supervisor stopped restarting it
 
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env={**os.environ, **self.env}, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                user=self.user.pw_uid if self.user else None, group=self.user.pw_gid if self.user else None,
-                extra_groups=[] if self.user else None,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        """``sig`` to the main process, then SIGKILL to whatever is left of its group."""
-        if self.process is None:
-            return
-        if self.alive():
-            self.process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        self.signal_group(signal.SIGKILL)
-        self.process.wait(10)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
-
 
 @dataclass
-class Replica(Child):
+class Replica(Supervised):
     port: int = 0
     in_service: bool = False
     in_service_since: float = 0.0  # time.time() when it last went into nginx's upstreams
@@ -118,10 +66,7 @@ class Replica(Child):
         return f"http://127.0.0.1:{self.port}"
 
     def ready(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/ready", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
+        return is_up(self.url, timeout=1)
 
 
 class Nginx:
@@ -238,7 +183,7 @@ class Topology:
                      "DIGITS_API_SERVERS": "1", "DIGITS_RUN_DIR": str(root / "run" / f"replica-{index}")},
                 port=replica_port))
         self.trainer_metrics_port = free_port()
-        self.trainer = Child("trainer", [sys.executable, "-m", "service.finetune.trainer"], logs / "trainer.log",
+        self.trainer = Supervised("trainer", [sys.executable, "-m", "service.finetune.trainer"], logs / "trainer.log",
                              env={**shared, "DIGITS_TRAINER_METRICS_PORT": str(self.trainer_metrics_port)})
         self.nginx = Nginx(port or free_port())
         self.prometheus = (Prometheus(prometheus_port, root / "prometheus", [r.port for r in self.replicas],
@@ -259,7 +204,7 @@ class Topology:
         self.nginx.write_conf([r.port for r in self.replicas])
         self.nginx.check_conf()
         for child in self.children():
-            child.start()
+            child.spawn()
         self._supervisor.start()
         return self
 
@@ -288,7 +233,7 @@ class Topology:
         self.events.append(f"{time.time():.3f} {message}")
         log.log(level, message)
 
-    def _restart(self, child: Child) -> None:
+    def _restart(self, child: Supervised) -> None:
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_SECONDS]
         if len(child.restarts) >= RESTART_LIMIT:
@@ -301,7 +246,7 @@ class Topology:
         child.signal_group(signal.SIGKILL)  # whatever of its tree outlived it
         child.restarts.append(now)
         self._note(f"{child.name} (pid {child.pid}) exited with {code}; restarting it")
-        child.start()
+        child.spawn()
 
     def _supervise(self) -> None:
         upstreams = [r.port for r in self.replicas]

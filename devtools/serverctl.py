@@ -1,14 +1,10 @@
-"""Start and stop servers for tests, load tests and benchmarks: each in its own process group,
-stopped (group and all) when done, also on errors; and private registries to run them on."""
+"""Real servers for tests, load tests and benchmarks (started, waited for, stopped group and all,
+also on errors), and private registries to run them on."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import requests
 
+from devtools.processes import ROOT, Child, free_port, is_up
 from model.registry import Registry
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ROOT", "ServerProcess", "free_port", "is_up", "peer", "private_registry", "service", "settings_env"]
 
 
 def private_registry(source: Path, target: Path, version: str | None = None) -> Path:
@@ -36,30 +32,15 @@ def private_registry(source: Path, target: Path, version: str | None = None) -> 
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def is_up(url: str, path: str = "/ready") -> bool:
-    try:
-        return requests.get(url + path, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 @dataclass
-class ServerProcess:
+class ServerProcess(Child):
     """A real server (``python -m service`` unless ``command`` says otherwise) in its own process group."""
 
-    env: dict[str, str] = field(default_factory=dict)
+    name: str = "server"
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "service"])
     port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)  # the service's Open Inference Protocol over gRPC
-    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "service"])
     ready_path: str = "/ready"
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -74,11 +55,9 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, log_dir: Path, wait_ready: float = 180.0) -> ServerProcess:
-        env = {**os.environ, "DIGITS_PORT": str(self.port), "DIGITS_GRPC_PORT": str(self.grpc_port), **self.env}
+        self.env = {"DIGITS_PORT": str(self.port), "DIGITS_GRPC_PORT": str(self.grpc_port), **self.env}
         self.log_path = log_dir / f"server-{self.port}.log"
-        log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.spawn()
         if wait_ready:
             self.wait_ready(wait_ready)
         return self
@@ -93,31 +72,11 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
-
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
-        """Signal the main process; if anything of the group is left, kill the group."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def kill_group(self) -> None:
-        """Simulate a crash: SIGKILL every process of the server at once."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
 
 
 def settings_env(**settings: object) -> dict[str, str]:

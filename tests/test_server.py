@@ -311,7 +311,7 @@ def large_png(pixels) -> bytes:
 
 
 def access_line(server: ServerProcess, request_id: str) -> dict | None:
-    for line in server.log_path.read_text(errors="replace").splitlines():
+    for line in server.log().splitlines():
         if line.startswith("{") and f'"request_id":"{request_id}"' in line and '"digits.access"' in line:
             return json.loads(line)
     return None
@@ -335,7 +335,7 @@ def test_a_client_leaving_mid_body_counts_as_499(server: ServerProcess) -> None:
 
 def api_server_and_decoder(server: ServerProcess) -> tuple[psutil.Process, list[psutil.Process]]:
     """The newest API server (the supervisor logs each pid) and its big-image decoder processes."""
-    pid = [json.loads(line)["pid"] for line in server.log_path.read_text().splitlines()
+    pid = [json.loads(line)["pid"] for line in server.log().splitlines()
            if '"API server ' in line and "started (pid" in line][-1]
     api_server = psutil.Process(pid)
     return api_server, [c for c in api_server.children() if "spawn_main" in " ".join(c.cmdline())]
@@ -367,7 +367,7 @@ def test_sigterm_after_a_large_image_stops_every_process_in_seconds(base_registr
         print(f"SIGTERM after a large image: stopped in {took:.1f} s; {len(descendants)} processes, left: {left}")
         assert left == []
         assert took < 15, took
-        log = server.log_path.read_text(errors="replace")
+        log = server.log()
         assert "--- Logging error ---" not in log and "Forcibly killing" not in log, log[-3000:]
         assert "Shutting down LitServe" in log  # LitServe's own line, no longer lost
     finally:

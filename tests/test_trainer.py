@@ -3,65 +3,40 @@ a killed one's job marked failed by its replacement, SIGTERM mid-job."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from devtools.processes import Child
 from model.registry import Registry
 from service.finetune.jobs import JobStore
 from service.routes.schemas import FinetuneOptions
-from tests.conftest import DATA_DIR, ROOT, wait_until
+from tests.conftest import DATA_DIR, wait_until
 
 
-class Trainer:
-    """A real ``python -m service.finetune.trainer`` in its own process group."""
-
-    def __init__(self, registry: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        env = {**os.environ, "DIGITS_REGISTRY": str(registry), "DIGITS_DATA_DIR": str(DATA_DIR),
-               "DIGITS_LOG_LEVEL": "info"}
-        with open(log_path, "wb") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "service.finetune.trainer"], cwd=ROOT, env=env,
-                                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill_group(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
+def trainer_process(registry: Path, log_path: Path) -> Child:
+    """A real ``python -m service.finetune.trainer`` in its own process group, started."""
+    trainer = Child("trainer", [sys.executable, "-m", "service.finetune.trainer"], log_path,
+                    env={"DIGITS_REGISTRY": str(registry), "DIGITS_DATA_DIR": str(DATA_DIR),
+                         "DIGITS_LOG_LEVEL": "info"})
+    trainer.spawn()
+    return trainer
 
 
 @pytest.fixture
 def start_trainer(tmp_path: Path) -> Iterator:
-    started: list[Trainer] = []
+    started: list[Child] = []
 
-    def start(registry: Path) -> Trainer:
-        trainer = Trainer(registry, tmp_path / f"trainer-{len(started)}.log")
+    def start(registry: Path) -> Child:
+        trainer = trainer_process(registry, tmp_path / f"trainer-{len(started)}.log")
         started.append(trainer)
         return trainer
 
     yield start
     for trainer in started:
-        trainer.stop()
+        trainer.stop(timeout=30)
 
 
 def queue_job(store: JobStore, mnist_test, count: int, epochs: int) -> str:
