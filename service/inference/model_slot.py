@@ -16,28 +16,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
 from model.onnx_serving import OnnxUnavailable
 from model.registry import Registry
 from service import metrics
-from service.inference.runtimes import Choice, Runtime, RuntimeOptions, build_runtime, choose_runtime, is_compiled
+from service.inference.runtimes import RuntimeOptions, Serving, build_runtime, choose_runtime, is_compiled
 
 log = logging.getLogger("digits.model")
 SWAP_POLL_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class Serving:
-    runtime: Runtime
-    reason: str  # for people: logs and /ready
-    code: str  # for /metrics: configured | measured | cuda | fallback
-
-    @property
-    def version(self) -> str:
-        return self.runtime.version
 
 
 class ModelUnavailable(RuntimeError):
@@ -67,12 +56,12 @@ class ModelSlot:
             self._wait(str(exc))
 
     def _start(self, version: str) -> Serving:
-        choice: Choice = choose_runtime(self.registry, version, self.mode, self.options, self.measure_runs)
+        serving = choose_runtime(self.registry, version, self.mode, self.options, self.measure_runs)
         with self.lock:
-            self.serving, self.problem = Serving(choice.runtime, choice.reason, choice.code), None
-        metrics.set_model_info(version, choice.runtime.name)
-        metrics.set_runtime_info(choice.runtime.name, choice.code)
-        log.info("serving %s on %s with %s (%s)", version, self.options.device, choice.runtime.name, choice.reason)
+            self.serving, self.problem = serving, None
+        metrics.set_model_info(version, serving.runtime.name)
+        metrics.set_runtime_info(serving.runtime.name, serving.code)
+        log.info("serving %s on %s with %s (%s)", version, self.options.device, serving.runtime.name, serving.reason)
         return self.serving
 
     def _wait(self, problem: str) -> None:

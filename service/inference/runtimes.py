@@ -86,27 +86,33 @@ def time_runtime(runtime: Runtime, pixels: np.ndarray, runs: int, warmup: int = 
 
 
 @dataclass(frozen=True)
-class Choice:
+class Serving:
+    """A runtime chosen to serve, and why."""
+
     runtime: Runtime
     reason: str  # for people: logs and /ready
     code: str  # for /metrics: configured | measured | cuda | fallback
 
+    @property
+    def version(self) -> str:
+        return self.runtime.version
 
-def fallback_to_onnx(registry: Registry, version: str, options: RuntimeOptions, why: str) -> Choice:
+
+def fallback_to_onnx(registry: Registry, version: str, options: RuntimeOptions, why: str) -> Serving:
     log.exception("torch.compile failed (%s); falling back to ONNX Runtime", why)
-    return Choice(build_runtime("onnx", registry, version, options), f"torch.compile failed ({why}); fallback",
+    return Serving(build_runtime("onnx", registry, version, options), f"torch.compile failed ({why}); fallback",
                   "fallback")
 
 
 def choose_runtime(registry: Registry, version: str, mode: str, options: RuntimeOptions,
-                   measure_runs: int = 20) -> Choice:
+                   measure_runs: int = 20) -> Serving:
     """Build and warm the runtime for ``mode`` (auto | torch | onnx); explain the choice.
 
     auto: CUDA -> torch.compile. CPU -> whichever of torch.compile and ONNX Runtime measured
     faster at warm-up. Whenever compiling fails, ONNX Runtime serves instead.
     """
     if mode == "onnx":
-        return Choice(build_runtime("onnx", registry, version, options), "DIGITS_RUNTIME=onnx", "configured")
+        return Serving(build_runtime("onnx", registry, version, options), "DIGITS_RUNTIME=onnx", "configured")
     largest = options.buckets[-1]
     try:
         compiled = build_runtime("torch", registry, version, options)
@@ -122,11 +128,11 @@ def choose_runtime(registry: Registry, version: str, mode: str, options: Runtime
         figures = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
         reason, code = f"auto on CPU: measured batch 1 + batch {largest}: {figures}", "measured"
         if timings[OnnxRuntime.name] < timings[TORCH_COMPILE]:
-            return Choice(onnx_runtime, reason, code)
+            return Serving(onnx_runtime, reason, code)
     else:
         reason, code = ("auto on CUDA", "cuda") if mode == "auto" else ("DIGITS_RUNTIME=torch", "configured")
     try:
         compiled.warm_up([b for b in options.buckets if b != largest])
     except Exception as exc:
         return fallback_to_onnx(registry, version, options, f"during warm-up: {exc}")
-    return Choice(compiled, reason, code)
+    return Serving(compiled, reason, code)
