@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.preprocess import DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
 
@@ -59,7 +61,7 @@ class Settings(BaseSettings):
         128, ge=1, description="concurrent connections of one client address per API server while it holds half "
         "of max_connections or more (503 above); behind a proxy, set it to max_connections")
     max_body_bytes: int = Field(5 * MiB, ge=1024, description="largest request body (413 above)")
-    max_pixels: int = Field(25_000_000, ge=784, description="largest width*height decoded (413 above)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=784, description="largest width*height decoded (413 above)")
 
     # admin and fine-tuning
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset: admin disabled")
@@ -133,3 +135,9 @@ class Settings(BaseSettings):
             sizes.append(size)
             size *= 2
         return [*sizes, self.max_batch_size]
+
+
+def settings_of(app: Any) -> Settings:
+    """The settings an app was built with (``build_server`` keeps them on ``app.state``): the one
+    way routes, dependencies and checks read them."""
+    return app.state.settings

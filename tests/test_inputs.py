@@ -7,8 +7,8 @@ import base64
 import pytest
 from pydantic import ValidationError
 
+from service.http.bodies import decode_base64
 from service.http.errors import ClientError
-from service.http.inputs import decode_base64
 from service.http.labels import parse_label
 from service.routes.schemas import FinetuneJSON, LabelledImageJSON
 

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.http.errors import ClientError
+from service.settings import settings_of
 
 admin_scheme = HTTPBearer(scheme_name="AdminToken", auto_error=False,
                           description="DIGITS_ADMIN_TOKEN (or the file DIGITS_ADMIN_TOKEN_FILE)")
@@ -32,7 +33,7 @@ def check_bearer(credentials: Credentials, expected: str, what: str) -> None:
 
 def require_admin(request: Request, credentials: Annotated[Credentials, Depends(admin_scheme)]) -> None:
     """The admin token; 403 when none is configured at all (admin disabled)."""
-    expected = request.app.state.settings.admin_token_value()
+    expected = settings_of(request.app).admin_token_value()
     if not expected:
         raise ClientError(403, "admin_disabled",
                           "admin routes are disabled: set DIGITS_ADMIN_TOKEN (or DIGITS_ADMIN_TOKEN_FILE) "
@@ -42,6 +43,6 @@ def require_admin(request: Request, credentials: Annotated[Credentials, Depends(
 
 def require_feedback_token(request: Request, credentials: Annotated[Credentials, Depends(feedback_scheme)]) -> None:
     """The feedback token when DIGITS_FEEDBACK_TOKEN is set; open otherwise."""
-    expected = request.app.state.settings.feedback_token_value()
+    expected = settings_of(request.app).feedback_token_value()
     if expected:
         check_bearer(credentials, expected, "feedback token")

@@ -1,7 +1,12 @@
-"""Request bodies: multipart or JSON, decided once by Content-Type, every mistake a 4xx JSON."""
+"""Request bodies -> the bytes and fields they carry: multipart or JSON, decided once by Content-Type,
+base64 as people write it; every mistake a 4xx JSON. (Turning image bytes into digits is
+:mod:`service.http.inputs`.)"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import TypeVar
 
 from fastapi import Request
@@ -10,10 +15,18 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
+from starlette.types import Receive
 
 from service.http.errors import ClientError, validation_detail
+from service.routes.schemas import PredictJSON
 
 Model = TypeVar("Model", bound=BaseModel)
+DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+# base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
+# standard or url-safe alphabet (not mixed). Nothing else.
+WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+STANDARD_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+URLSAFE_BASE64 = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 def byte_count(text: str) -> int | None:
@@ -110,3 +123,53 @@ def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
     except MultipartParseError as exc:
         raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
     return found.get(field)
+
+
+async def receive_body(receive: Receive) -> bytes:
+    """The whole body of a plain ASGI request (the /predict shortcut, past Starlette's ``Request``)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionResetError("the client went away")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def decode_base64(text: str, field: str = "image") -> bytes:
+    """Standard or url-safe base64, with or without padding, whitespace anywhere (a data URL
+    prefix is dropped); 422 naming ``field`` for anything else."""
+    text = WHITESPACE.sub("", DATA_URL.sub("", text.strip(), count=1))
+    if STANDARD_BASE64.match(text):
+        alphabet = None
+    elif URLSAFE_BASE64.match(text):
+        alphabet = b"-_"
+    else:
+        raise ClientError(422, "invalid_base64", f"'{field}' holds characters that are not base64")
+    text = text.rstrip("=")
+    if not text or len(text) % 4 == 1:
+        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64 (empty or truncated)")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
+
+
+
+def image_bytes(content_type: str, body: bytes) -> bytes:
+    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
+    kind = kind_of(content_type)
+    if kind == "multipart/form-data":
+        data = multipart_field(body, content_type, "file")
+        if data is None:
+            raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
+        return data
+    if is_json(kind):
+        return decode_base64(parse_json(body, PredictJSON).image)
+    raise ClientError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {kind or '(none)'} is not supported; send multipart/form-data with a 'file' "
+        'field, or application/json {"image": "<base64>"}',
+    )

@@ -1,4 +1,5 @@
-"""HTTP bodies -> validated 28x28 digits, in the API-server processes.
+"""Image bytes -> validated 28x28 digits, in the API-server processes (the bytes come from
+:mod:`service.http.bodies`).
 
 Everything a client can get wrong is caught here, before the model sees the request, so a
 bad request gets its own 4xx and never fails its neighbours in a batch.
@@ -7,13 +8,10 @@ bad request gets its own 4xx and never fails its neighbours in a batch.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import ctypes
 import multiprocessing
 import os
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,63 +20,19 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from model.preprocess import ImageProblem, declared_pixels, prepare_digit
-from service.http.bodies import is_json, kind_of, multipart_field, parse_json
 from service.http.errors import ClientError
-from service.routes.schemas import PredictJSON
 
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (well under a millisecond)
 HEAVY_DECODES = 1  # background processes decoding bigger images, per API server
-DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-# base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
-# standard or url-safe alphabet (not mixed). Nothing else.
-WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
-STANDARD_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-URLSAFE_BASE64 = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
-def decode_base64(text: str, field: str = "image") -> bytes:
-    """Standard or url-safe base64, with or without padding, whitespace anywhere (a data URL
-    prefix is dropped); 422 naming ``field`` for anything else."""
-    text = WHITESPACE.sub("", DATA_URL.sub("", text.strip(), count=1))
-    if STANDARD_BASE64.match(text):
-        alphabet = None
-    elif URLSAFE_BASE64.match(text):
-        alphabet = b"-_"
-    else:
-        raise ClientError(422, "invalid_base64", f"'{field}' holds characters that are not base64")
-    text = text.rstrip("=")
-    if not text or len(text) % 4 == 1:
-        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64 (empty or truncated)")
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
-
-
-
-def image_bytes(content_type: str, body: bytes) -> bytes:
-    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
-    kind = kind_of(content_type)
-    if kind == "multipart/form-data":
-        data = multipart_field(body, content_type, "file")
-        if data is None:
-            raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-        return data
-    if is_json(kind):
-        return decode_base64(parse_json(body, PredictJSON).image)
-    raise ClientError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type {kind or '(none)'} is not supported; send multipart/form-data with a 'file' "
-        'field, or application/json {"image": "<base64>"}',
-    )
-
-
-def digit_from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
+def digit_from_bytes(data: bytes, max_pixels: int, what: str = "") -> np.ndarray:
+    """``prepare_digit``, with its problems as the client errors they are (``what`` names the
+    input in the detail, for requests that carry several)."""
     try:
         return prepare_digit(data, max_pixels)
     except ImageProblem as exc:
-        raise ClientError(exc.status_code, exc.code, exc.message) from None
+        raise ClientError(exc.status_code, exc.code, f"{what}: {exc.message}" if what else exc.message) from None
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies (Linux)

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from model.atomic import atomic_write_bytes
 from model.registry import Registry
+from service.settings import settings_of
 
 
 def directory(run_dir: Path) -> Path:
@@ -78,12 +79,12 @@ def report(app: FastAPI) -> dict:
     ``problems``: why a holder that is up cannot serve (it counts as missing).
     """
     expected: list[tuple[str, int]] = app.state.model_holders
-    states = read_all(app.state.settings.run_dir)
+    states = read_all(settings_of(app).run_dir)
     holders = [state for state in states if "problem" not in state]
     problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
-    active = Registry(app.state.settings.registry).active_version()
+    active = Registry(settings_of(app).registry).active_version()
     serving = sorted({h["model_version"] for h in holders})
     body = {"ready": not missing, "holders_ready": len(expected) - len(missing), "holders_expected": len(expected),
             "missing": missing, "active_version": active, "serving_versions": serving,

@@ -18,15 +18,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from model.preprocess import ImageProblem, prepare_digit
 from model.registry import RECORD_ID, VERSION_ID, RegistryError
 from service.finetune.archives import ArchiveLimits, read_image_folder
 from service.finetune.feedback_store import FeedbackStore
 from service.finetune.jobs import JobFinished, QueueFull
 from service.http.auth import require_admin
-from service.http.bodies import read_body
+from service.http.bodies import decode_base64, read_body
 from service.http.errors import ClientError, validation_detail
-from service.http.inputs import decode_base64
+from service.http.inputs import digit_from_bytes
 from service.http.labels import parse_label
 from service.inference import readiness
 from service.routes.schemas import (
@@ -74,10 +73,7 @@ def decode_samples(named: Named, max_pixels: int) -> tuple[np.ndarray, np.ndarra
     """Every sample through the same preprocessing as /predict; the first bad one is named."""
     images = np.empty((len(named), 28, 28), dtype=np.uint8)
     for index, (name, _, data) in enumerate(named):
-        try:
-            images[index] = prepare_digit(data, max_pixels)
-        except ImageProblem as exc:
-            raise ClientError(exc.status_code, exc.code, f"sample {index} ({name}): {exc.message}") from None
+        images[index] = digit_from_bytes(data, max_pixels, f"sample {index} ({name})")
     return images, np.array([label for _, label, _ in named], dtype=np.int64)
 
 

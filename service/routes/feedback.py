@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData, UploadFile
 
 from service.http.auth import require_feedback_token
-from service.http.bodies import read_body
+from service.http.bodies import decode_base64, read_body
 from service.http.errors import ClientError
-from service.http.inputs import decode_base64, digit_from_bytes_async
+from service.http.inputs import digit_from_bytes_async
 from service.http.labels import parse_label
 from service.http.ratelimit import TokenBuckets
 from service.routes.schemas import ErrorBody, FeedbackResponse, LabelledImageJSON, inline_schema

@@ -18,11 +18,13 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from model.preprocess import encode_png
+from service.http.bodies import image_bytes, receive_body
 from service.http.errors import ClientError, json_error
-from service.http.inputs import digit_from_bytes_async, image_bytes
+from service.http.inputs import digit_from_bytes_async
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
 from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
+from service.settings import settings_of
 
 log = logging.getLogger("digits.predict")
 PATH = "/predict"
@@ -49,22 +51,11 @@ def wants_explanation(query_string: bytes) -> bool:
     return value in TRUE
 
 
-async def read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionResetError("the client went away")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 class PredictEndpoint:
-    """The ASGI endpoint of POST /predict: the app's settings and its predictor."""
+    """The ASGI endpoint of POST /predict."""
 
     def __init__(self, app: FastAPI) -> None:
-        self.app, self.state = app, app.state
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
@@ -72,8 +63,8 @@ class PredictEndpoint:
         request_id = state.get("request_id", "")
         try:
             explain = wants_explanation(scope.get("query_string", b""))
-            data = image_bytes(header(scope, b"content-type") or "", await read_body(receive))
-            pixels = await digit_from_bytes_async(data, self.state.settings.max_pixels)
+            data = image_bytes(header(scope, b"content-type") or "", await receive_body(receive))
+            pixels = await digit_from_bytes_async(data, settings_of(self.app).max_pixels)
             prediction = await predictor_of(self.app).predict(pixels[None])
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,

@@ -11,11 +11,11 @@ from fastapi import Depends, Request
 from model.registry import Registry
 from service.finetune.feedback_store import FeedbackStore
 from service.finetune.jobs import JobStore
-from service.settings import Settings
+from service.settings import Settings, settings_of
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return settings_of(request.app)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

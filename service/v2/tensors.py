@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.http.bodies import byte_count
-from service.http.errors import echo
-from service.http.inputs import ClientError, decode_base64
+from service.http.bodies import byte_count, decode_base64
+from service.http.errors import ClientError, echo
 from service.v2.errors import bad_request
 
 HEADER_LENGTH = "inference-header-content-length"
