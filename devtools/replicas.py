@@ -84,7 +84,7 @@ class Nginx:
         self.conf = self.prefix / "nginx.conf"
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         self.command = [binary, "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.prefix / "error.log")]
-        self.child = Child("nginx", self.command, self.prefix / "stdout.log", user=user)
+        self.child = Supervised("nginx", self.command, self.prefix / "stdout.log", user=user)
 
     def check_conf(self) -> None:
         """``nginx -t`` as the user nginx runs as: a broken config fails here, clearly."""
@@ -133,7 +133,7 @@ class Prometheus:
         }
         (directory / "prometheus.yml").write_text(json.dumps(config, indent=2))
         binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-        self.child = Child("prometheus", [
+        self.child = Supervised("prometheus", [
             binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
         ], directory / "prometheus.log")
@@ -196,7 +196,7 @@ class Topology:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.nginx.port}"
 
-    def children(self) -> list[Child]:
+    def children(self) -> list[Supervised]:
         extra = [self.prometheus.child] if self.prometheus else []
         return [*self.replicas, self.trainer, self.nginx.child, *extra]
 

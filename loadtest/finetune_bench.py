@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from devtools.serverctl import ROOT, private_registry, service
+from devtools.processes import ROOT
+from devtools.serverctl import private_registry, service
 from loadtest.bench import hey, multipart_body
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png

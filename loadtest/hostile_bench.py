@@ -21,7 +21,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from devtools.serverctl import ROOT, private_registry, service
+from devtools.processes import ROOT
+from devtools.serverctl import private_registry, service
 from loadtest.bench import BOUNDARY, multipart_body
 
 

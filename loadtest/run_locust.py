@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devtools.serverctl import ROOT, is_up, private_registry, service
+from devtools.processes import ROOT, is_up
+from devtools.serverctl import private_registry, service
 from service.settings import Settings
 
 

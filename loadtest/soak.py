@@ -29,7 +29,8 @@ import psutil
 import requests
 from PIL import Image
 
-from devtools.serverctl import ROOT, private_registry, service
+from devtools.processes import ROOT
+from devtools.serverctl import private_registry, service
 from loadtest.v2_bench import v2_binary_body
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png

@@ -32,6 +32,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,3 +316,10 @@ class Registry:
                 self._clear_staging()
         except Timeout:
             pass
+
+
+@cache
+def open_registry(root: Path) -> Registry:
+    """The one :class:`Registry` of ``root`` in this process (opening one also clears a dead
+    publisher's ``staging/`` leftovers: once per process is enough)."""
+    return Registry(root)

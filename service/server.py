@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import multiprocessing
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from starlette.routing import Route
@@ -21,6 +22,7 @@ from service.inference import readiness
 from service.inference.model_slot import ModelSlot
 from service.inference.placement import Placement, runtime_options
 from service.inference.predictor import InProcessPredictor, WorkerPredictor, serve_with
+from service.inference.runtimes import Serving
 from service.inference.worker import PredictAPI
 from service.routes import admin, feedback, ops, predict
 from service.routes.predict import PredictEndpoint
@@ -44,7 +46,7 @@ class PredictShortcut:
             await self.app(scope, receive, send)
 
 
-def edge(settings: Settings):
+def edge(settings: Settings) -> Callable[[FastAPI], ASGIApp]:
     """What uvicorn runs in every API server: request ids, metrics and access log, the body
     limit, then the /predict shortcut or the FastAPI app."""
 
@@ -56,14 +58,15 @@ def edge(settings: Settings):
     return wrap
 
 
-def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: Placement):
+def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: Placement,
+                   ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """In every API server: the predictor the routes call, made after the fork."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         index = adapter.process_index()
         if placement.where == "api":
-            def announce(serving) -> None:
+            def announce(serving: Serving) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
                                 runtime=serving.runtime.name, runtime_reason=placement.reason)
 
@@ -93,7 +96,7 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
     return lifespan
 
 
-def _start_trainer(settings: Settings):
+def _start_trainer(settings: Settings) -> multiprocessing.Process:
     from service.finetune.trainer import start_trainer  # torch: imported only where a trainer runs
 
     return start_trainer(settings)

@@ -3,11 +3,13 @@ and a body over the limit gets its 413 even from clients that send everything be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -112,47 +114,48 @@ def health_from(server: ServerProcess, address: str) -> tuple[int, bytes, bytes]
     return int(head.split()[1]), head.lower(), body
 
 
-def test_one_address_cannot_take_every_connection(bounded: ServerProcess) -> None:
-    held = [connect_from(bounded, "127.0.0.2") for _ in range(3 * TOTAL)]  # three times the server's cap
+@contextlib.contextmanager
+def holding(server: ServerProcess, addresses: list[str]) -> Iterator[list[socket.socket]]:
+    """A stalled connection from each of ``addresses`` (more may be added to the list); on exit
+    all are closed, and waited for until the server has let every address in again, so that no
+    test sees the connections of the one before."""
+    held = [connect_from(server, address) for address in addresses]
     try:
-        time.sleep(0.3)
-        others = [health_from(bounded, "127.0.0.1")[0] for _ in range(20)]
-        assert others == [200] * 20  # the greedy address holds only PER_CLIENT of the connections
-        status, head, body = health_from(bounded, "127.0.0.2")  # over its bound: a JSON 503
+        yield held
+    finally:
+        for sock in held:
+            sock.close()
+        for address in {"127.0.0.1", *addresses}:
+            assert wait_until(lambda a=address: health_from(server, a)[0] == 200, 5, interval=0.05), address
+
+
+def test_one_address_cannot_take_every_connection(bounded: ServerProcess) -> None:
+    with holding(bounded, ["127.0.0.2"] * (3 * TOTAL)):  # three times the server's cap
+        # once the server has taken them in, the greedy address is over its bound ...
+        assert wait_until(lambda: health_from(bounded, "127.0.0.2")[0] == 503, 5, interval=0.05)
+        status, head, body = health_from(bounded, "127.0.0.2")  # ... and is told so in JSON
         assert status == 503 and b"content-type: application/json" in head and b"retry-after: 1" in head
         assert json.loads(body)["error"] == "unavailable"
         assert "DIGITS_MAX_CONNECTIONS_PER_CLIENT" in json.loads(body)["detail"]
-    finally:
-        for sock in held:
-            sock.close()
+        # it holds at most half of the cap (TOTAL // 2), so everyone else still gets in
+        assert [health_from(bounded, "127.0.0.1")[0] for _ in range(20)] == [200] * 20
 
 
 def test_an_idle_server_lets_one_address_hold_more_than_its_share(bounded: ServerProcess) -> None:
-    held = [connect_from(bounded, "127.0.0.6") for _ in range(TOTAL // 2 - 1)]  # more than PER_CLIENT
-    try:
-        time.sleep(0.3)
+    with holding(bounded, ["127.0.0.6"] * (TOTAL // 2 - 1)) as held:  # more than PER_CLIENT
         assert health_from(bounded, "127.0.0.6")[0] == 200  # e.g. a script holding its responses
-        more = [connect_from(bounded, "127.0.0.6") for _ in range(2)]  # now half the cap is taken
-        held += more
-        time.sleep(0.3)
-        assert health_from(bounded, "127.0.0.6")[0] == 503 and health_from(bounded, "127.0.0.1")[0] == 200
-    finally:
-        for sock in held:
-            sock.close()
+        held += [connect_from(bounded, "127.0.0.6") for _ in range(2)]  # now half the cap is taken
+        assert wait_until(lambda: health_from(bounded, "127.0.0.6")[0] == 503, 5, interval=0.05)
+        assert health_from(bounded, "127.0.0.1")[0] == 200
 
 
 def test_over_the_server_cap_the_answer_is_a_json_503(bounded: ServerProcess) -> None:
     addresses = [f"127.0.0.{3 + i}" for i in range(TOTAL // PER_CLIENT)]
-    held = [connect_from(bounded, address) for address in addresses for _ in range(PER_CLIENT)]
-    try:
-        time.sleep(0.3)
+    with holding(bounded, [address for address in addresses for _ in range(PER_CLIENT)]):
+        assert wait_until(lambda: health_from(bounded, "127.0.0.1")[0] == 503, 5, interval=0.05)
         status, head, body = health_from(bounded, "127.0.0.1")
         assert status == 503 and b"content-type: application/json" in head, (head, body)
         assert "DIGITS_MAX_CONNECTIONS" in json.loads(body)["detail"]
-    finally:
-        for sock in held:
-            sock.close()
-    assert wait_until(lambda: health_from(bounded, "127.0.0.1")[0] == 200, 5, interval=0.1)  # released
 
 
 def test_a_silent_connection_goes_long_before_a_slow_body(bounded: ServerProcess) -> None:

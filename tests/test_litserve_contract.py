@@ -4,6 +4,7 @@ LitServe (pinned). A LitServe upgrade that changes any of it fails here, not in 
 from __future__ import annotations
 
 import inspect
+import signal
 import subprocess
 import sys
 import threading
@@ -174,5 +175,9 @@ def test_a_worker_failure_and_a_queue_timeout_become_typed_errors() -> None:
 
 def test_an_idle_api_loads_nothing_and_runs_without_a_batching_window() -> None:
     api = adapter.BatchedAPI(max_batch_size=8, batch_timeout=0.1, api_path="/test", idle=True)
-    api.setup("cpu")  # would raise NotImplementedError if it tried to load a model
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        api.setup("cpu")  # would raise NotImplementedError if it tried to load a model
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # setup installs the worker's own SIGTERM handler
     assert api.max_batch_size == 1

@@ -21,7 +21,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.replicas import Replica, Topology, free_port
+from devtools.processes import free_port
+from devtools.replicas import Replica, Topology
 from tests.conftest import BASE_REGISTRY, DATA_DIR, png_of, still_running, wait_until
 from tests.load import Load
 

@@ -142,7 +142,7 @@ def read_image_folder(data: bytes, filename: str, limits: ArchiveLimits) -> list
     elif name.endswith((".tar.gz", ".tgz", ".tar")) or data[:2] == b"\x1f\x8b":
         members = list(_tar_members(data, budget))
     else:
-        raise ClientError(415, "unsupported_archive", f"{filename!r} is not a .zip or .tar.gz archive")
+        raise ClientError(415, "unsupported_archive", f"{echo(filename)} is not a .zip or .tar.gz archive")
     if not members:
         raise ClientError(422, "empty_archive", "the archive holds no images in <label>/<name>.png layout")
     return members

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
@@ -41,7 +42,7 @@ class JobStore:
         with FileLock(str(self.registry.jobs_lock_path)):  # a lock object per call: none crosses a fork
             yield
 
-    def _path(self, job_id: str):
+    def _path(self, job_id: str) -> Path:
         if not RECORD_ID_PATTERN.match(job_id):
             raise KeyError(job_id)
         return self.registry.job_path(job_id)

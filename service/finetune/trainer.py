@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from functools import cache
+from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
@@ -140,7 +141,7 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def export_missing_onnx(registry: Registry, data_dir) -> None:
+def export_missing_onnx(registry: Registry, data_dir: Path) -> None:
     """model.onnx for every version that lacks a current one: what a torch-less replica serves."""
     for manifest in registry.list_versions():
         try:

@@ -18,7 +18,6 @@ from starlette.formparsers import MultiPartException
 from starlette.types import Receive
 
 from service.http.errors import ClientError, validation_detail
-from service.routes.schemas import PredictJSON
 
 Model = TypeVar("Model", bound=BaseModel)
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -79,8 +78,13 @@ async def read_body(request: Request, model: type[Model], *, max_part_bytes: int
         return await read_form(request, max_part_bytes, max_files)
     if is_json(kind):
         return parse_json(await request.body(), model)
-    raise ClientError(415, "unsupported_media_type",
-                      f"Content-Type {kind or '(none)'} is not supported; send {expected}")
+    raise unsupported(kind, expected)
+
+
+def unsupported(kind: str, expected: str) -> ClientError:
+    """The 415 for a Content-Type the route does not take; ``expected`` says what to send instead."""
+    return ClientError(415, "unsupported_media_type",
+                       f"Content-Type {kind or '(none)'} is not supported; send {expected}")
 
 
 def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
@@ -154,22 +158,3 @@ def decode_base64(text: str, field: str = "image") -> bytes:
         return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(422, "invalid_base64", f"'{field}' is not valid base64") from None
-
-
-
-def image_bytes(content_type: str, body: bytes) -> bytes:
-    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
-    kind = kind_of(content_type)
-    if kind == "multipart/form-data":
-        data = multipart_field(body, content_type, "file")
-        if data is None:
-            raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-        return data
-    if is_json(kind):
-        return decode_base64(parse_json(body, PredictJSON).image)
-    raise ClientError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type {kind or '(none)'} is not supported; send multipart/form-data with a 'file' "
-        'field, or application/json {"image": "<base64>"}',
-    )

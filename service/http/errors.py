@@ -49,7 +49,7 @@ def error_body(code: str, detail: str | list, request_id: str | None) -> dict:
     return {"error": code, "detail": detail, "request_id": request_id}
 
 
-def json_error(status: int, code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
+def json_error(code: str, detail: str, request_id: str | None = None) -> tuple[list, bytes]:
     """Headers and body of an error for a pure-ASGI middleware (which has no Response)."""
     return json_parts(error_body(code, detail, request_id))
 
@@ -67,7 +67,7 @@ def validation_detail(errors: list[dict]) -> list[dict]:
     """Pydantic's errors as ``[{loc, msg, type}]``: where, what, which rule (no input echo); the
     first MAX_LISTED_ERRORS of them, then one entry saying how many more there are."""
     def short(part: object) -> object:  # a dict key or extra field's name is the client's
-        return part if isinstance(part, int) or len(str(part)) <= 60 else f"{str(part)[:57]}..."
+        return part if isinstance(part, int) else echo(str(part)) if len(str(part)) > 60 else part
 
     listed = [{"loc": [short(part) for part in err.get("loc", [])],
                "msg": err.get("msg", ""), "type": err.get("type", "")} for err in errors[:MAX_LISTED_ERRORS]]

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field, Strict
 
-from service.http.errors import ClientError
+from service.http.errors import ClientError, echo
 
 DIGITS = "0123456789"
 
@@ -22,5 +22,5 @@ Label = Annotated[int, Strict(), Field(ge=0, le=9, description="the true digit: 
 def parse_label(text: str, field: str = "label") -> int:
     """A label sent as text; 422 naming ``field`` for anything but exactly one ASCII digit."""
     if len(text) != 1 or text not in DIGITS:
-        raise ClientError(422, "invalid_label", f"{field} must be one of the digits 0-9, got {text[:20]!r}")
+        raise ClientError(422, "invalid_label", f"{field} must be one of the digits 0-9, got {echo(text)}")
     return DIGITS.index(text)

@@ -161,6 +161,6 @@ class BodyLimitMiddleware:
         if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
             headers, body = json_parts({"error": detail})
         else:
-            headers, body = json_error(413, "payload_too_large", detail, request_id)
+            headers, body = json_error("payload_too_large", detail, request_id)
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

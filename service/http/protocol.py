@@ -23,7 +23,6 @@ so a small response leaves in one segment: this cut the service's CPU per predic
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from typing import Any
 
@@ -31,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
-from service.http.errors import error_body
+from service.http.errors import error_body, json_parts
 from service.settings import Settings
 
 STATUS_LINE_START = b"HTTP/1.1 "
@@ -101,9 +100,8 @@ class ConnectionBudget:
 
 def refusal(detail: str) -> ASGIApp:
     """The answer to a request on a connection over the bounds: 503 JSON, then the connection closes."""
-    body = json.dumps(error_body("unavailable", detail, None)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"retry-after", b"1"), (b"connection", b"close")]
+    headers, body = json_parts(error_body("unavailable", detail, None))
+    headers += [(b"retry-after", b"1"), (b"connection", b"close")]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 503, "headers": headers})
@@ -185,9 +183,9 @@ def timed_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._answer_and_close(b"400 Bad Request", "bad_request", f"the HTTP request could not be parsed: {msg}")
 
         def _answer_and_close(self, status: bytes, code: str, detail: str) -> None:
-            body = json.dumps(error_body(code, detail, None)).encode()
-            self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close"
-                                 b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            headers, body = json_parts(error_body(code, detail, None))
+            head = b"".join(name + b": " + value + b"\r\n" for name, value in [*headers, (b"connection", b"close")])
+            self.transport.write(b"HTTP/1.1 " + status + b"\r\n" + head + b"\r\n" + body)
             self.transport.close()
 
     return TimedHttpToolsProtocol

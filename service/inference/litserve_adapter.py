@@ -106,7 +106,7 @@ class ProcessKind(enum.Enum):
 
     INFERENCE_WORKER = "inference worker"
     API_SERVER = "API server"
-    EXTRA = "extra process"  # one of ``extra_processes``, named in ``Death.name``
+    EXTRA = "extra process"  # one of ``extra_processes``
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,6 @@ class Death:
 
     kind: ProcessKind
     index: int  # the worker's or API server's index; 0 for an extra process
-    name: str  # for the log: "inference worker", "API server" or the extra process's name
-    pid: int | None
-    exit_code: int | None
 
 
 # ---------------------------------------------------------------------------------- the LitAPI
@@ -365,7 +362,7 @@ class DigitServer(ls.LitServer):
             return
         code = process.exitcode
         log.error("%s %d (pid %s) died with exit code %s; replacing it", name, index, process.pid, code)
-        self.on_death(Death(kind, index, name, process.pid, code))
+        self.on_death(Death(kind, index))
         deaths = self._deaths.setdefault(name, deque())
         now = time.monotonic()
         deaths.append(now)

@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from model.atomic import atomic_write_bytes
-from model.registry import Registry
+from model.registry import open_registry
 from service.settings import settings_of
 
 
@@ -84,7 +84,7 @@ def report(app: FastAPI) -> dict:
     problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
-    active = Registry(settings_of(app).registry).active_version()
+    active = open_registry(settings_of(app).registry).active_version()
     serving = sorted({h["model_version"] for h in holders})
     body = {"ready": not missing, "holders_ready": len(expected) - len(missing), "holders_expected": len(expected),
             "missing": missing, "active_version": active, "serving_versions": serving,

@@ -46,7 +46,7 @@ class CompiledTorchRuntime:
         return out[:n].float().cpu().numpy()
 
     def warm_up(self, buckets: list[int] | None = None) -> None:
-        for size in buckets or self.buckets:
+        for size in self.buckets if buckets is None else buckets:
             started = time.perf_counter()
             self.probabilities(np.zeros((size, 28, 28), dtype=np.uint8))
             log.info("compiled bucket %d in %.1f s", size, time.perf_counter() - started)

@@ -24,7 +24,7 @@ from service.finetune.feedback_store import FeedbackStore
 from service.finetune.jobs import JobFinished, QueueFull
 from service.http.auth import require_admin
 from service.http.bodies import decode_base64, read_body
-from service.http.errors import ClientError, validation_detail
+from service.http.errors import ClientError, echo, validation_detail
 from service.http.inputs import digit_from_bytes
 from service.http.labels import parse_label
 from service.inference import readiness
@@ -73,7 +73,7 @@ def decode_samples(named: Named, max_pixels: int) -> tuple[np.ndarray, np.ndarra
     """Every sample through the same preprocessing as /predict; the first bad one is named."""
     images = np.empty((len(named), 28, 28), dtype=np.uint8)
     for index, (name, _, data) in enumerate(named):
-        images[index] = digit_from_bytes(data, max_pixels, f"sample {index} ({name})")
+        images[index] = digit_from_bytes(data, max_pixels, f"sample {index} ({echo(name)})")
     return images, np.array([label for _, label, _ in named], dtype=np.int64)
 
 
@@ -130,18 +130,20 @@ async def read_upload(request: Request, settings: Settings) -> tuple[Named | Non
 
 async def training_data(named: Named | None, settings: Settings,
                         feedback: FeedbackStore) -> tuple[np.ndarray, np.ndarray]:
+    """The upload's samples decoded (every one checked), or the stored feedback; never more than
+    a fine-tune takes. (An upload with no samples was refused while it was read.)"""
+    limit = settings.finetune_max_samples
     if named is None:
         images, labels = await asyncio.to_thread(feedback.load_all)
         if len(labels) == 0:
             raise ClientError(422, "no_feedback", "no feedback has been collected yet; POST /feedback first")
-    else:
-        if len(named) > settings.finetune_max_samples:
-            raise ClientError(413, "too_many_samples",
-                              f"{len(named):,} samples; the limit is {settings.finetune_max_samples:,}")
-        images, labels = await asyncio.to_thread(decode_samples, named, settings.max_pixels)
-    if not 1 <= len(labels) <= settings.finetune_max_samples:
-        raise ClientError(422, "sample_count", f"send 1 to {settings.finetune_max_samples:,} samples")
-    return images, labels
+        if len(labels) > limit:
+            raise ClientError(413, "too_many_samples", f"the feedback store holds {len(labels):,} samples; a "
+                              f"fine-tune takes at most {limit:,} (DIGITS_FINETUNE_MAX_SAMPLES)")
+        return images, labels
+    if len(named) > limit:
+        raise ClientError(413, "too_many_samples", f"{len(named):,} samples; the limit is {limit:,}")
+    return await asyncio.to_thread(decode_samples, named, settings.max_pixels)
 
 
 @router.post(

@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from model.preprocess import encode_png
-from service.http.bodies import image_bytes, receive_body
-from service.http.errors import ClientError, json_error
+from service.http.bodies import decode_base64, is_json, kind_of, multipart_field, parse_json, receive_body, unsupported
+from service.http.errors import ClientError, echo, json_error
 from service.http.inputs import digit_from_bytes_async
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
@@ -47,8 +47,21 @@ def wants_explanation(query_string: bytes) -> bool:
     values = parse_qs(query_string.decode("latin-1"), keep_blank_values=True).get("explain", ["false"])
     value = values[-1].strip().lower()
     if value not in TRUE | FALSE:
-        raise ClientError(422, "invalid_query", f"explain must be true or false, got {value[:20]!r}")
+        raise ClientError(422, "invalid_query", f"explain must be true or false, got {echo(value)}")
     return value in TRUE
+
+
+def image_bytes(content_type: str, body: bytes) -> bytes:
+    """The uploaded image of a /predict body: multipart field ``file`` or JSON ``{"image": base64}``."""
+    kind = kind_of(content_type)
+    if kind == "multipart/form-data":
+        data = multipart_field(body, content_type, "file")
+        if data is None:
+            raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
+        return data
+    if is_json(kind):
+        return decode_base64(parse_json(body, PredictJSON).image)
+    raise unsupported(kind, """multipart/form-data with a 'file' field, or application/json {"image": "<base64>"}""")
 
 
 class PredictEndpoint:
@@ -72,7 +85,7 @@ class PredictEndpoint:
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         except ClientError as exc:
             status = exc.status_code
-            headers, body = json_error(status, exc.code, exc.detail, request_id)
+            headers, body = json_error(exc.code, exc.detail, request_id)
             headers += [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
         except ConnectionResetError:
             return

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from model.registry import Registry
+from model.registry import Registry, open_registry
 from service.finetune.feedback_store import FeedbackStore
 from service.finetune.jobs import JobStore
 from service.settings import Settings, settings_of
@@ -19,11 +17,6 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-@cache
-def open_registry(root: Path) -> Registry:
-    return Registry(root)  # opening also clears a dead publisher's staging/ leftovers
 
 
 def get_registry(settings: SettingsDep) -> Registry:
