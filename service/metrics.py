@@ -52,6 +52,21 @@ connections_refused = Counter(
 )
 finetune_jobs = Counter("digits_finetune_jobs", "Fine-tune jobs finished", ["state"])
 
+# learning from traffic (service/loop/capture.py, off the request path)
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+review_observed = Counter("digits_review_observed", "Predictions the capture tap has looked at", ["version"])
+review_captured = Counter(
+    "digits_review_captured", "Predictions kept in the review queue", ["version", "reason"]
+)
+review_dropped = Counter(
+    "digits_review_dropped", "Predictions the capture tap could not keep: its queue was full (tap_full), the "
+    "review queue held only labelled or leased items (review_full), or a write failed (error)", ["reason"]
+)
+prediction_confidence = Histogram(
+    "digits_prediction_confidence", "Probability of the predicted digit, per model version (a drift signal)",
+    ["version"], buckets=CONFIDENCE_BUCKETS,
+)
+
 
 class ConvergenceCollector:
     """What a readiness report says of versions, computed at scrape time (not a per-process value):
