@@ -170,3 +170,13 @@ def test_tap_off_keeps_nothing_and_a_full_tap_drops_without_waiting(registry: Re
     for _ in range(100):
         stalled.observe(np.stack([digit(1)]), probabilities([0.1]), "v0001")
     assert time.monotonic() - started < 0.5 and stalled.pending.qsize() == 2
+
+
+def test_labels_of_a_job_that_ended_without_training_are_offered_again(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(1)])
+    token, _, [item] = queue.lease("a", 1)
+    queue.label(item.item_id, token, 1)
+    queue.take_for_job(lambda *_: "killed")
+    job_id, n = queue.take_for_job(lambda *_: "again", ended_without_training=lambda job: job == "killed")
+    assert (job_id, n) == ("again", 1)

@@ -223,8 +223,14 @@ async def finetune_on_reviewed(queue: ReviewQueue, jobs: JobStore, options: Fine
         record, ahead = jobs.create(images, labels, options, "review", settings.finetune_max_queued)
         return record.job_id
 
+    def ended_without_training(job_id: str) -> bool:
+        try:
+            return jobs.get(job_id).state in (JobState.FAILED, JobState.CANCELLED)
+        except KeyError:
+            return True  # its record is gone: nothing trained on these labels
+
     try:
-        job_id, count = await asyncio.to_thread(queue.take_for_job, create)
+        job_id, count = await asyncio.to_thread(queue.take_for_job, create, ended_without_training)
     except ReviewError as error:
         raise refused(error) from None
     except QueueFull as full:
