@@ -42,8 +42,8 @@ def send_traffic(url: str, pngs: list[bytes]) -> list[dict]:
     return answers
 
 
-def review(url: str, path: str = "", method: str = "GET", **kwargs) -> requests.Response:
-    return requests.request(method, f"{url}/admin/review{path}", headers=AUTH, timeout=30, **kwargs)
+def review(url: str, path: str = "", method: str = "GET", timeout: float = 30, **kwargs) -> requests.Response:
+    return requests.request(method, f"{url}/admin/review{path}", headers=AUTH, timeout=timeout, **kwargs)
 
 
 def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_server, registry_copy,
