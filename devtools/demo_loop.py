@@ -1,11 +1,11 @@
 """`make demo-loop`: from traffic alone to a promoted version that reads a new style of digit.
 
-The style: MNIST test digits drawn as outlines (hollow strokes, dark on white), which the base
-model reads poorly. A real server on a private copy of the registry gets them as /predict
+The style: MNIST test digits struck through by a horizontal bar (dark on white), which the base
+model reads poorly (69 % here). A real server on a private copy of the registry gets them as /predict
 traffic beside ordinary MNIST digits; the capture tap puts the unsure ones in the review queue;
 a scripted reviewer leases and labels them (with MNIST's true labels, found by the 28x28 digit
 the model saw); one call fine-tunes on the reviewed items; the gate decides; then the same
-server reads a separate set of outline digits again. Exit 0 when the promoted version reads
+server reads a separate set of struck digits again. Exit 0 when the promoted version reads
 the style at least ``--min-gain`` points better, no slice is worse beyond chance (the gate's
 table) and it all took at most ``--budget`` seconds.
 
@@ -42,12 +42,14 @@ TOKEN = "demo-loop-admin-token"
 EVALUATE_FROM = 9000  # evaluation digits come from MNIST test indices 9000.., traffic from 0..
 
 
-def outline(digit: np.ndarray) -> bytes:
-    """An MNIST digit as a hollow outline, dark ink on white, 112x112 PNG: the new style."""
-    ink = (cv2.resize(digit, (112, 112), interpolation=cv2.INTER_CUBIC) > 100).astype(np.uint8)
-    ink = cv2.dilate(ink, np.ones((9, 9), np.uint8))
-    edge = ink - cv2.erode(ink, np.ones((5, 5), np.uint8))
-    return encode_png((255 - edge * 255).astype(np.uint8))
+def struck(digit: np.ndarray) -> bytes:
+    """The new style: an MNIST digit struck through by a horizontal bar at its ink's mean height,
+    wider than the digit, dark ink on white, a 112x112 PNG."""
+    ink = cv2.resize(digit, (112, 112), interpolation=cv2.INTER_CUBIC)
+    rows, columns = np.nonzero(ink > 100)
+    height = int(rows.mean())
+    cv2.line(ink, (int(columns.min()) - 10, height), (int(columns.max()) + 10, height), 255, 7)
+    return encode_png(255 - ink)
 
 
 def fingerprint(pixels: np.ndarray) -> str:
@@ -135,17 +137,17 @@ def review_all(client: Client, truth: dict[str, int]) -> int:
 
 
 def style_sets(data_dir: Path, traffic: int, evaluate: int, mnist_share: float, seed: int = 0):
-    """(traffic PNGs with their labels, evaluation PNGs with theirs): outline digits from MNIST test
+    """(traffic PNGs with their labels, evaluation PNGs with theirs): struck digits from MNIST test
     indices 0.. (and plain MNIST PNGs, ``mnist_share`` of the traffic), evaluation from 9000.."""
     images, labels = (t.numpy() for t in data.load_split(data_dir, train=False))
     rng = np.random.default_rng(seed)
-    sent = [(outline(images[i]), int(labels[i])) for i in range(traffic)]
+    sent = [(struck(images[i]), int(labels[i])) for i in range(traffic)]
     plain = rng.choice(np.arange(traffic, EVALUATE_FROM), round(traffic * mnist_share), replace=False)
     sent += [(encode_png(images[i]), int(labels[i])) for i in plain]
     order = rng.permutation(len(sent))
     sent = [sent[i] for i in order]
     held = range(EVALUATE_FROM, EVALUATE_FROM + evaluate)
-    return sent, ([outline(images[i]) for i in held], labels[EVALUATE_FROM:EVALUATE_FROM + evaluate])
+    return sent, ([struck(images[i]) for i in held], labels[EVALUATE_FROM:EVALUATE_FROM + evaluate])
 
 
 def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 800, evaluate: int = 300,
@@ -162,7 +164,7 @@ def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 800
     try:
         client = Client(server.url)
         before, _ = accuracy(server.url, eval_pngs, eval_labels)
-        log(f"{time.monotonic() - started:5.1f} s  base model reads the outline style: {before:.1%}")
+        log(f"{time.monotonic() - started:5.1f} s  base model reads the struck style: {before:.1%}")
         for png, _ in sent:
             client.predict(png)
         captured = wait_for(lambda: _settled(client), 20)
@@ -199,8 +201,8 @@ def _settled(client: Client) -> int | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--traffic", type=int, default=800, help="outline digits sent as traffic")
-    parser.add_argument("--evaluate", type=int, default=300, help="outline digits read before and after")
+    parser.add_argument("--traffic", type=int, default=800, help="struck digits sent as traffic")
+    parser.add_argument("--evaluate", type=int, default=300, help="struck digits read before and after")
     parser.add_argument("--budget", type=float, default=180.0, help="seconds the whole run may take")
     parser.add_argument("--min-gain", type=float, default=5.0, help="points the style must gain")
     args = parser.parse_args()

@@ -51,7 +51,7 @@ def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_s
     server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_sample="0",
                           traffic_every="2")
     images, labels = (t.numpy() for t in mnist_test)
-    pngs = [demo_loop.outline(images[i]) for i in range(30)] + [png_of(images[i]) for i in range(30, 60)]
+    pngs = [demo_loop.struck(images[i]) for i in range(30)] + [png_of(images[i]) for i in range(30, 60)]
     answers = send_traffic(server.url, pngs)
     unsure = sum(a["confidence"] < 0.8 for a in answers)
     assert 5 <= unsure < 60
@@ -111,7 +111,7 @@ def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_s
 def test_capture_off_keeps_no_input(start_server, registry_copy, mnist_test) -> None:
     server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_capture="false")
     images = mnist_test[0].numpy()
-    send_traffic(server.url, [demo_loop.outline(images[i]) for i in range(20)])
+    send_traffic(server.url, [demo_loop.struck(images[i]) for i in range(20)])
     assert wait_until(lambda: metric_sum(server.url, "digits_review_observed_total") == 20, 10)
     registry = Registry(registry_copy.root)
     assert review(server.url).json()["items"] == 0 and len(TrafficRing(registry)) == 0
@@ -201,7 +201,7 @@ def test_kill9_of_the_trainer_mid_job_keeps_the_reviewed_labels(start_server, re
 
 
 def test_demo_loop_reaches_a_better_version_within_three_minutes(base_registry, tmp_path) -> None:
-    """The acceptance: outline digits as traffic -> review queue -> scripted reviewer -> fine-tune on the
+    """The acceptance: struck digits as traffic -> review queue -> scripted reviewer -> fine-tune on the
     reviewed items -> the gate promotes -> /predict reads the style >= 5 points better, no slice worse."""
     figures = demo_loop.run(tmp_path, DATA_DIR, base_registry.root, log=print)
     assert figures.job_state == "succeeded", figures.message
