@@ -9,7 +9,7 @@ server reads a separate set of struck digits again. Exit 0 when the promoted ver
 the style at least ``--min-gain`` points better, no slice is worse beyond chance (the gate's
 table) and it all took at most ``--budget`` seconds.
 
-    python -m devtools.demo_loop [--traffic 800] [--evaluate 300] [--budget 180]
+    python -m devtools.demo_loop [--traffic 600] [--evaluate 300] [--budget 180]
 """
 
 from __future__ import annotations
@@ -94,13 +94,18 @@ class Client:
         return response.json()
 
 
-def accuracy(url: str, pngs: list[bytes], labels: np.ndarray) -> tuple[float, set[str]]:
-    """Share of ``pngs`` /predict reads right, and the versions that answered."""
+def predict_all(url: str, pngs: list[bytes]) -> list[dict]:
+    """/predict's answers to ``pngs``, from 4 clients at once."""
     def one(png: bytes) -> dict:
         return Client(url).predict(png)
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(one, pngs))
+        return list(pool.map(one, pngs))
+
+
+def accuracy(url: str, pngs: list[bytes], labels: np.ndarray) -> tuple[float, set[str]]:
+    """Share of ``pngs`` /predict reads right, and the versions that answered."""
+    answers = predict_all(url, pngs)
     right = np.array([a["digit"] for a in answers]) == labels
     return float(right.mean()), {a["model_version"] for a in answers}
 
@@ -150,7 +155,7 @@ def style_sets(data_dir: Path, traffic: int, evaluate: int, mnist_share: float, 
     return sent, ([struck(images[i]) for i in held], labels[EVALUATE_FROM:EVALUATE_FROM + evaluate])
 
 
-def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 800, evaluate: int = 300,
+def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 600, evaluate: int = 300,
         mnist_share: float = 0.25, log: Callable[[str], None] = print,
         finetune_options: dict | None = None) -> Figures:
     """The whole loop on a private registry under ``workdir``; the server is stopped at the end."""
@@ -165,8 +170,7 @@ def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 800
         client = Client(server.url)
         before, _ = accuracy(server.url, eval_pngs, eval_labels)
         log(f"{time.monotonic() - started:5.1f} s  base model reads the struck style: {before:.1%}")
-        for png, _ in sent:
-            client.predict(png)
+        predict_all(server.url, [png for png, _ in sent])
         captured = wait_for(lambda: _settled(client), 20)
         log(f"{time.monotonic() - started:5.1f} s  {len(sent)} predictions sent; {captured} captured for review")
         labelled = review_all(client, truth)
@@ -201,7 +205,7 @@ def _settled(client: Client) -> int | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--traffic", type=int, default=800, help="struck digits sent as traffic")
+    parser.add_argument("--traffic", type=int, default=600, help="struck digits sent as traffic")
     parser.add_argument("--evaluate", type=int, default=300, help="struck digits read before and after")
     parser.add_argument("--budget", type=float, default=180.0, help="seconds the whole run may take")
     parser.add_argument("--min-gain", type=float, default=5.0, help="points the style must gain")

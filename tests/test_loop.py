@@ -118,6 +118,16 @@ def test_capture_off_keeps_no_input(start_server, registry_copy, mnist_test) -> 
     assert registry.review_item_ids() == []
 
 
+def test_the_upload_is_kept_only_when_asked(start_server, registry_copy, mnist_test) -> None:
+    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_sample="1",
+                          review_keep_original="true")
+    png = demo_loop.struck(mnist_test[0].numpy()[0])
+    send_traffic(server.url, [png])
+    assert wait_until(lambda: review(server.url).json()["items"] == 1, 10)
+    [item] = review(server.url, "/items").json()
+    assert item["has_original"] and review(server.url, f"/items/{item['item_id']}/original").content == png
+
+
 def api_server_pid(server) -> int:
     body = requests.get(f"{server.url}/ready", timeout=5).json()
     return next(h["pid"] for h in body["holders"] if h["role"] == "api")
