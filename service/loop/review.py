@@ -208,8 +208,9 @@ class ReviewQueue:
         except FileNotFoundError:
             return State()
 
-    def _write_state(self, item_id: str, state: State) -> None:
-        atomic_write_bytes(self.registry.review_state_path(item_id), json.dumps(state.__dict__).encode())
+    def _write_state(self, item_id: str, state: State, durable: bool = True) -> None:
+        """Labels and job marks are fsynced; a lease (``durable=False``) costs nothing to lose."""
+        atomic_write_bytes(self.registry.review_state_path(item_id), json.dumps(state.__dict__).encode(), durable)
 
     def _load(self, item_id: str, state: State | None = None) -> ReviewItem | None:
         try:
@@ -293,7 +294,7 @@ class ReviewQueue:
             chosen = []
             for _, item_id, state in sorted(candidates)[:count]:
                 state.lease_token, state.lease_reviewer, state.lease_expires = token, reviewer, expires
-                self._write_state(item_id, state)
+                self._write_state(item_id, state, durable=False)
                 item = self._load(item_id, state)
                 if item is not None:
                     chosen.append(item)
