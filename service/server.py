@@ -24,7 +24,8 @@ from service.inference.placement import Placement, runtime_options
 from service.inference.predictor import InProcessPredictor, WorkerPredictor, serve_with
 from service.inference.runtimes import Serving
 from service.inference.worker import PredictAPI
-from service.routes import admin, feedback, ops, predict
+from service.loop import capture
+from service.routes import admin, feedback, ops, predict, review
 from service.routes.predict import PredictEndpoint
 from service.settings import Settings
 
@@ -79,19 +80,23 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
             if slot.serving is not None:
                 announce(slot.serving)
             slot.start_watching()
-            serve_with(app, InProcessPredictor(slot))
+            tap = capture.tap_for(settings)
+            serve_with(app, capture.TappedPredictor(InProcessPredictor(slot), tap))
             try:
                 yield
             finally:
                 slot.stop_watching()
+                tap.close()
         else:
             predictor = WorkerPredictor(server, settings.run_dir)
-            serve_with(app, predictor)
+            tap = capture.tap_for(settings)
+            serve_with(app, capture.TappedPredictor(predictor, tap))
             watcher = asyncio.create_task(predictor.watch_workers(), name="digits-worker-watch")
             try:
                 yield
             finally:
                 watcher.cancel()
+                tap.close()
 
     return lifespan
 
@@ -138,5 +143,7 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     predict.document(app)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(review.router)
+    app.include_router(review.console)
     v2.install(app, settings)  # after the model lifespan: gRPC starts once the predictor exists
     return server

@@ -23,6 +23,7 @@ from service.http.errors import ClientError, echo, json_error
 from service.http.inputs import digit_from_bytes_async
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
+from service.loop.capture import ORIGINAL
 from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
 from service.settings import settings_of
 
@@ -78,6 +79,7 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await receive_body(receive))
             pixels = await digit_from_bytes_async(data, settings_of(self.app).max_pixels)
+            ORIGINAL.set(data)  # for the capture tap, which keeps it only with DIGITS_REVIEW_KEEP_ORIGINAL
             prediction = await predictor_of(self.app).predict(pixels[None])
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,
