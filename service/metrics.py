@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
     CollectorRegistry,
@@ -24,6 +25,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+LOW_CONFIDENCE = 0.9  # a bucket edge: "low confidence" in the live-vs-canary comparison
 
 http_requests = Counter("digits_http_requests", "HTTP requests answered", ["route", "method", "status"])
 http_latency = Histogram(
@@ -36,6 +39,11 @@ queue_wait = Histogram(
 )
 inference_latency = Histogram(
     "digits_inference_seconds", "Model time per batch", ["runtime"], buckets=LATENCY_BUCKETS
+)
+CONFIDENCE_METRIC = "digits_prediction_confidence"
+prediction_confidence = Histogram(
+    CONFIDENCE_METRIC, "Confidence of each predicted digit, by the version that predicted it",
+    ["version"], buckets=CONFIDENCE_BUCKETS,
 )
 model_info = Gauge(
     "digits_model_info", "1 for the model version and runtime a worker serves", ["version", "runtime"],
@@ -82,6 +90,35 @@ def render(readiness_report: dict | None = None) -> bytes:
     if readiness_report is not None:
         registry.register(ConvergenceCollector(readiness_report))
     return generate_latest(registry)
+
+
+def observe_confidence(version: str, probabilities: np.ndarray) -> None:
+    histogram = prediction_confidence.labels(version)
+    for confidence in probabilities.max(axis=1).tolist():
+        histogram.observe(confidence)
+
+
+def confidence_by_version() -> dict[str, dict[str, float]]:
+    """Per version, over every process since the metrics were reset: predictions, mean confidence
+    and the share below LOW_CONFIDENCE (what live and canary are compared by)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    seen: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0.0, "sum": 0.0, "low": 0.0})
+    for family in registry.collect():
+        if family.name != CONFIDENCE_METRIC:
+            continue
+        for sample in family.samples:
+            totals = seen[sample.labels["version"]]
+            if sample.name.endswith("_count"):
+                totals["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                totals["sum"] = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == LOW_CONFIDENCE:
+                totals["low"] = sample.value
+    return {version: {"predictions": int(t["count"]),
+                      "mean_confidence": round(t["sum"] / t["count"], 4) if t["count"] else None,
+                      "low_confidence_share": round(t["low"] / t["count"], 4) if t["count"] else None}
+            for version, t in seen.items()}
 
 
 def set_runtime_info(runtime: str, reason: str, previous: tuple[str, str] | None = None) -> None:

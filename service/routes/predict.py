@@ -22,7 +22,9 @@ from service.http.errors import ClientError, json_error
 from service.http.inputs import digit_from_bytes_async, image_bytes
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
+from service.loop.canary import PIN_HEADER, check_pin
 from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
+from service.routes.stores import open_registry
 
 log = logging.getLogger("digits.predict")
 PATH = "/predict"
@@ -74,7 +76,8 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await read_body(receive))
             pixels = await digit_from_bytes_async(data, self.state.settings.max_pixels)
-            prediction = await predictor_of(self.app).predict(pixels[None])
+            pin = check_pin(open_registry(self.state.settings.registry), header(scope, PIN_HEADER.encode()))
+            prediction = await predictor_of(self.app).predict(pixels[None], pin)
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,
                           pixels if explain else None)
@@ -110,7 +113,10 @@ def document(app: FastAPI) -> None:
             "description": "Send an image (PNG, JPEG, BMP, GIF, WebP, TIFF; photo, scan, canvas drawing or MNIST "
                            "sample) as multipart field `file`, or as JSON `{\"image\": \"<base64 or data URL>\"}`.",
             "parameters": [{"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
-                            "description": "add `input_png`: the 28x28 digit the model was given"}],
+                            "description": "add `input_png`: the 28x28 digit the model was given"},
+                           {"name": "X-Model-Version", "in": "header", "required": False,
+                            "schema": {"type": "string"}, "description": "pin the active or the canary "
+                            "version (debugging); without it a canary serves its share of requests"}],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                     "file": {"type": "string", "format": "binary"}}}},
@@ -119,8 +125,10 @@ def document(app: FastAPI) -> None:
                 "200": {"description": "the digit", **ref("PredictResponse")},
                 "413": {"description": "body or image dimensions over the limit", **ref("ErrorBody")},
                 "415": {"description": "not a supported image or content type", **ref("ErrorBody")},
-                "422": {"description": "corrupt image, no ink, bad JSON or base64", **ref("ErrorBody")},
-                "503": {"description": "the model is not ready, or its worker died: retry", **ref("ErrorBody")},
+                "422": {"description": "corrupt image, no ink, bad JSON or base64; a pinned version that is not "
+                                       "served", **ref("ErrorBody")},
+                "503": {"description": "the model is not ready, or its worker died, or the pinned version is not "
+                                       "loaded yet: retry", **ref("ErrorBody")},
             },
         }}
         return schema
