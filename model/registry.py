@@ -13,6 +13,12 @@ Layout under the registry root::
     samples/<job_id>.safetensors uploaded samples, kept with their job
     feedback/<id>.safetensors   user corrections collected by POST /feedback
     feedback/INDEX.json         their count and bytes (kept under feedback/.lock, so counting is O(1))
+    review/items/<id>.safetensors  a captured prediction's 28x28 input (+ the upload when kept), with its
+                                prediction, confidence, version, time and source in the header
+    review/state/<id>.json      what reviewers did with it: lease, label, skips, the job that used it
+    review/.lock                one review-queue writer at a time (all processes and replicas)
+    traffic/<ns>-<pid>-<n>.safetensors  chunks of the ring of recent inputs (n digits each), oldest dropped
+    traffic/.lock               one ring trimmer at a time
     .publish.lock, .trainer.lock file locks: one publisher at a time, one trainer per registry
 
 Only this module knows the layout: every other module asks a ``Registry`` for its paths.
@@ -127,7 +133,13 @@ class Registry:
         self.feedback_lock_path = self.feedback_dir / ".lock"
         self.trainer_lock_path = self.root / ".trainer.lock"
         self.jobs_lock_path = self.root / ".jobs.lock"
-        for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir):
+        self.review_items_dir = self.root / "review" / "items"
+        self.review_state_dir = self.root / "review" / "state"
+        self.review_lock_path = self.root / "review" / ".lock"
+        self.traffic_dir = self.root / "traffic"
+        self.traffic_lock_path = self.traffic_dir / ".lock"
+        for directory in (self.versions_dir, self.staging_dir, self.jobs_dir, self.samples_dir, self.feedback_dir,
+                          self.review_items_dir, self.review_state_dir, self.traffic_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock: FileLock | None = None
         self._lock_pid = -1
@@ -228,6 +240,36 @@ class Registry:
     def feedback_paths(self) -> list[Path]:
         """Every stored feedback sample, oldest first (ids start with their time)."""
         return sorted(self.feedback_dir.glob("*.safetensors"))
+
+    def review_item_path(self, item_id: str) -> Path:
+        return self.review_items_dir / f"{item_id}.safetensors"
+
+    def review_state_path(self, item_id: str) -> Path:
+        return self.review_state_dir / f"{item_id}.json"
+
+    def review_item_ids(self) -> list[str]:
+        """Every review item, oldest first (ids start with their time)."""
+        return sorted(p.name.removesuffix(".safetensors") for p in os.scandir(self.review_items_dir)
+                      if p.name.endswith(".safetensors") and not p.name.startswith("."))
+
+    def review_state_ids(self) -> set[str]:
+        return {p.name.removesuffix(".json") for p in os.scandir(self.review_state_dir)
+                if p.name.endswith(".json") and not p.name.startswith(".")}
+
+    def traffic_chunk_path(self, count: int) -> Path:
+        """A new chunk of ``count`` recent inputs: named by time, writer and count, so the ring's
+        order and size are read from the names alone."""
+        return self.traffic_dir / f"{time.time_ns():020d}-{os.getpid()}-{count}.safetensors"
+
+    def traffic_chunks(self) -> list[tuple[Path, int]]:
+        """(path, digits in it) of every chunk of the traffic ring, oldest first."""
+        chunks = []
+        for entry in os.scandir(self.traffic_dir):
+            parts = entry.name.removesuffix(".safetensors").split("-")
+            named = entry.name.endswith(".safetensors") and len(parts) == 3
+            if named and all(part.isascii() and part.isdigit() for part in parts):
+                chunks.append((Path(entry.path), int(parts[2])))
+        return sorted(chunks)
 
     # ------------------------------------------------------------ writing
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
     CollectorRegistry,
@@ -25,8 +24,6 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-LOW_CONFIDENCE = 0.9  # a bucket edge: "low confidence" in the live-vs-canary comparison
 
 http_requests = Counter("digits_http_requests", "HTTP requests answered", ["route", "method", "status"])
 http_latency = Histogram(
@@ -39,11 +36,6 @@ queue_wait = Histogram(
 )
 inference_latency = Histogram(
     "digits_inference_seconds", "Model time per batch", ["runtime"], buckets=LATENCY_BUCKETS
-)
-CONFIDENCE_METRIC = "digits_prediction_confidence"
-prediction_confidence = Histogram(
-    CONFIDENCE_METRIC, "Confidence of each predicted digit, by the version that predicted it",
-    ["version"], buckets=CONFIDENCE_BUCKETS,
 )
 model_info = Gauge(
     "digits_model_info", "1 for the model version and runtime a worker serves", ["version", "runtime"],
@@ -59,6 +51,22 @@ connections_refused = Counter(
     "digits_connections_refused", "Connections over DIGITS_MAX_CONNECTIONS or DIGITS_MAX_CONNECTIONS_PER_CLIENT"
 )
 finetune_jobs = Counter("digits_finetune_jobs", "Fine-tune jobs finished", ["state"])
+
+# learning from traffic (service/loop/capture.py, off the request path)
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+review_observed = Counter("digits_review_observed", "Predictions the capture tap has looked at", ["version"])
+review_captured = Counter(
+    "digits_review_captured", "Predictions kept in the review queue", ["version", "reason"]
+)
+review_dropped = Counter(
+    "digits_review_dropped", "Predictions the capture tap could not keep: its queue was full (tap_full), the "
+    "review queue held only labelled or leased items (review_full), or a write failed (error)", ["reason"]
+)
+prediction_confidence = Histogram(
+    "digits_prediction_confidence", "Probability of the predicted digit, per model version (a drift signal)",
+    ["version"], buckets=CONFIDENCE_BUCKETS,
+)
+LOW_CONFIDENCE = 0.9  # one of CONFIDENCE_BUCKETS: "low confidence" in the live-vs-canary comparison
 
 
 class ConvergenceCollector:
@@ -92,12 +100,6 @@ def render(readiness_report: dict | None = None) -> bytes:
     return generate_latest(registry)
 
 
-def observe_confidence(version: str, probabilities: np.ndarray) -> None:
-    histogram = prediction_confidence.labels(version)
-    for confidence in probabilities.max(axis=1).tolist():
-        histogram.observe(confidence)
-
-
 def confidence_by_version() -> dict[str, dict[str, float]]:
     """Per version, over every process since the metrics were reset: predictions, mean confidence
     and the share below LOW_CONFIDENCE (what live and canary are compared by)."""
@@ -105,7 +107,7 @@ def confidence_by_version() -> dict[str, dict[str, float]]:
     multiprocess.MultiProcessCollector(registry)
     seen: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0.0, "sum": 0.0, "low": 0.0})
     for family in registry.collect():
-        if family.name != CONFIDENCE_METRIC:
+        if family.name != "digits_prediction_confidence":
             continue
         for sample in family.samples:
             totals = seen[sample.labels["version"]]

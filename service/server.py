@@ -22,6 +22,7 @@ from service.inference.model_slot import ModelSlot
 from service.inference.placement import Placement, runtime_options
 from service.inference.predictor import InProcessPredictor, WorkerPredictor, serve_with
 from service.inference.worker import PredictAPI
+from service.loop import capture
 from service.routes import admin, canary, feedback, ops, predict
 from service.routes.predict import PredictEndpoint
 from service.settings import Settings
@@ -76,19 +77,23 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
             if slot.serving is not None:
                 announce(slot.serving)
             slot.start_watching()
-            serve_with(app, InProcessPredictor(slot))
+            tap = capture.tap_for(settings)
+            serve_with(app, capture.TappedPredictor(InProcessPredictor(slot), tap))
             try:
                 yield
             finally:
                 slot.stop_watching()
+                tap.close()
         else:
             predictor = WorkerPredictor(server, settings.run_dir)
-            serve_with(app, predictor)
+            tap = capture.tap_for(settings)
+            serve_with(app, capture.TappedPredictor(predictor, tap))
             watcher = asyncio.create_task(predictor.watch_workers(), name="digits-worker-watch")
             try:
                 yield
             finally:
                 watcher.cancel()
+                tap.close()
 
     return lifespan
 

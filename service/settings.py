@@ -99,6 +99,27 @@ class Settings(BaseSettings):
     feedback_burst: int = Field(20, ge=1, le=10_000, description="feedback posts a client may send at once")
     feedback_token: SecretStr | None = Field(None, description="bearer token /feedback requires; unset: open")
 
+    # learning from traffic: the review queue and the ring of recent inputs (service/loop/)
+    review_capture: bool = Field(
+        True, description="keep inputs of served predictions (review queue, traffic ring); false: keep none")
+    review_threshold: float = Field(
+        0.8, ge=0, le=1, description="predictions less confident than this go to the review queue")
+    review_sample: float = Field(0.01, ge=0, le=1, description="share of all other predictions also queued")
+    review_keep_original: bool = Field(
+        False, description="also keep the uploaded image of a captured /predict request (not only its 28x28)")
+    review_max_items: int = Field(
+        5000, ge=1, le=1_000_000, description="items in the review queue; when full the oldest unlabelled go")
+    review_max_bytes: int = Field(64 * MiB, ge=64 * 1024, description="bytes of the review queue (as above)")
+    review_lease_seconds: float = Field(
+        300.0, gt=0, le=86_400, description="how long a reviewer holds leased items before others may get them")
+    traffic_ring_size: int = Field(
+        2000, ge=1, le=100_000, description="recent inputs kept for shadow evaluation (oldest dropped)")
+    traffic_every: int = Field(1, ge=1, le=1_000_000, description="every Nth prediction goes to the traffic ring")
+    capture_queue_size: int = Field(
+        4096, ge=1, le=1_000_000,
+        description="predictions waiting for the capture thread per API server; beyond it they are dropped "
+        "(counted), never waited for")
+
     # Open Inference Protocol (KServe V2): REST under /v2 on the HTTP port, gRPC on its own port
     grpc_port: int = Field(
         8001, ge=1, le=65535,

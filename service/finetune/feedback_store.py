@@ -12,6 +12,7 @@ each write. A missing index (a fresh or emptied directory) is rebuilt by one sca
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +26,12 @@ from service.http.errors import ClientError
 
 def encode_sample(pixels: np.ndarray, label: int) -> bytes:
     return save({"image": np.ascontiguousarray(pixels, dtype=np.uint8), "label": np.array([label], dtype=np.int64)})
+
+
+def read_sample(path: Path) -> tuple[np.ndarray, int]:
+    """(uint8 [28,28] digit, label) of one stored sample."""
+    tensors = load_file(str(path))
+    return tensors["image"], int(tensors["label"][0])
 
 
 SAMPLE_BYTES = len(encode_sample(np.zeros((28, 28), np.uint8), 0))  # every sample has this size
@@ -72,9 +79,9 @@ class FeedbackStore:
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
         for path in self.registry.feedback_paths():
-            tensors = load_file(str(path))
-            images.append(tensors["image"])
-            labels.append(int(tensors["label"][0]))
+            image, label = read_sample(path)
+            images.append(image)
+            labels.append(label)
         return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(labels, dtype=np.int64)
 
     def _refuse_if_full(self, usage: Usage, size: int) -> None:

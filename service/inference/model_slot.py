@@ -107,7 +107,6 @@ class ModelSlot:
                     raise
                 probabilities = serving.runtime.probabilities(pixels)
             metrics.batch_size.observe(len(pixels))
-            metrics.observe_confidence(serving.version, probabilities)
             metrics.inference_latency.labels(serving.runtime.name).observe(time.perf_counter() - started)
             return probabilities, serving
 

@@ -23,6 +23,7 @@ from service.http.inputs import digit_from_bytes_async, image_bytes
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
 from service.loop.canary import PIN_HEADER, check_pin
+from service.loop.capture import ORIGINAL
 from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
 from service.routes.stores import open_registry
 
@@ -77,6 +78,7 @@ class PredictEndpoint:
             data = image_bytes(header(scope, b"content-type") or "", await read_body(receive))
             pixels = await digit_from_bytes_async(data, self.state.settings.max_pixels)
             pin = check_pin(open_registry(self.state.settings.registry), header(scope, PIN_HEADER.encode()))
+            ORIGINAL.set(data)  # for the capture tap, which keeps it only with DIGITS_REVIEW_KEEP_ORIGINAL
             prediction = await predictor_of(self.app).predict(pixels[None], pin)
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,

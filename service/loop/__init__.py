@@ -1,0 +1,1 @@
+"""Learning from traffic: the capture tap, the review queue, the ring of recent inputs."""

@@ -1,0 +1,178 @@
+"""The capture tap: every served prediction passes it, off the request path.
+
+``TappedPredictor`` wraps the API server's predictor (so /predict, V2 REST and gRPC all pass
+it) and hands each answered batch to a ``Tap``: a bounded in-process queue that a background
+thread drains in batches. ``observe`` never blocks and never raises: when the queue is full
+the prediction is dropped and counted (``digits_review_dropped_total{reason="tap_full"}``).
+
+The thread observes the confidence histogram per version, keeps predictions below the
+threshold (and a sampled share of the rest) in the review queue, and every Nth input in the
+traffic ring. With capture off (``DIGITS_REVIEW_CAPTURE=false``) it stores no input at all,
+only the metrics.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.registry import Registry
+from service import metrics
+from service.inference.predictor import Prediction, Predictor
+from service.loop.review import Capture, ReviewQueue
+from service.loop.traffic import TrafficRing
+from service.settings import Settings
+
+log = logging.getLogger("digits.capture")
+BATCH_ITEMS = 512  # predictions written per batch at most
+FLUSH_SECONDS = 0.25  # a batch waits at most this long to fill
+# The upload of the current /predict request, set by its endpoint (kept only with DIGITS_REVIEW_KEEP_ORIGINAL).
+ORIGINAL: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("digits_original_upload", default=None)
+
+
+@dataclass(frozen=True)
+class Rules:
+    enabled: bool = True
+    threshold: float = 0.8
+    sample: float = 0.01
+    keep_original: bool = False
+    traffic_every: int = 1
+
+    @classmethod
+    def of(cls, settings: Settings) -> Rules:
+        return cls(settings.review_capture, settings.review_threshold, settings.review_sample,
+                   settings.review_keep_original, settings.traffic_every)
+
+
+@dataclass(frozen=True)
+class Observed:
+    pixels: np.ndarray  # uint8 [n,28,28]
+    probabilities: np.ndarray  # float32 [n,10]
+    version: str
+    time: float
+    original: bytes | None
+
+
+class Tap:
+    def __init__(self, review: ReviewQueue, ring: TrafficRing, rules: Rules, queue_size: int = 4096,
+                 seed: int | None = None) -> None:
+        self.review, self.ring, self.rules = review, ring, rules
+        self.pending: queue.Queue[Observed | None] = queue.Queue(maxsize=queue_size)
+        self.random = random.Random(seed)
+        self.seen = 0  # predictions looked at by this tap (every Nth goes to the ring)
+        self.thread: threading.Thread | None = None
+
+    def observe(self, pixels: np.ndarray, probabilities: np.ndarray, version: str,
+                original: bytes | None = None) -> None:
+        """Hand an answered batch to the thread; drop it (counted) rather than wait."""
+        try:
+            self.pending.put_nowait(Observed(pixels, probabilities, version, time.time(), original))
+        except queue.Full:
+            metrics.review_dropped.labels("tap_full").inc(len(pixels))
+
+    def start(self) -> Tap:
+        self.thread = threading.Thread(target=self._run, name="digits-capture", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread."""
+        if self.thread is not None:
+            try:
+                self.pending.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self.thread.join(timeout)
+            self.thread = None
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._next_batch()
+            try:
+                self.write(batch)
+            except Exception:
+                log.exception("capture: could not write %d prediction(s)", len(batch))
+                metrics.review_dropped.labels("error").inc(sum(len(o.pixels) for o in batch))
+            if stop:
+                return
+
+    def _next_batch(self) -> tuple[list[Observed], bool]:
+        first = self.pending.get()
+        if first is None:
+            return [], True
+        batch, deadline = [first], time.monotonic() + FLUSH_SECONDS
+        while sum(len(o.pixels) for o in batch) < BATCH_ITEMS:
+            try:
+                item = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def write(self, batch: list[Observed]) -> None:
+        """The metrics of a batch, then its captures and its share of the ring."""
+        captures, traffic = [], []
+        for observed in batch:
+            confidences = observed.probabilities.max(axis=1)
+            predictions = observed.probabilities.argmax(axis=1)
+            metrics.review_observed.labels(observed.version).inc(len(confidences))
+            histogram = metrics.prediction_confidence.labels(observed.version)
+            for confidence in confidences:
+                histogram.observe(float(confidence))
+            if not self.rules.enabled:
+                continue
+            for index, confidence in enumerate(confidences):
+                self.seen += 1
+                if self.seen % self.rules.traffic_every == 0:
+                    traffic.append(observed.pixels[index])
+                if confidence < self.rules.threshold:
+                    reason = "low_confidence"
+                elif self.random.random() < self.rules.sample:
+                    reason = "sample"
+                else:
+                    continue
+                original = observed.original if self.rules.keep_original and len(confidences) == 1 else None
+                captures.append(Capture(observed.pixels[index].copy(), int(predictions[index]), float(confidence),
+                                        observed.version, observed.time, reason, original))
+        if captures:
+            stored = self.review.add(captures)
+            for capture in captures[:stored]:
+                metrics.review_captured.labels(capture.version, capture.reason).inc()
+            if stored < len(captures):
+                metrics.review_dropped.labels("review_full").inc(len(captures) - stored)
+        if traffic:
+            self.ring.append(np.stack(traffic))
+
+
+class TappedPredictor:
+    """A Predictor whose every answer also goes to the tap (after it is computed, without waiting)."""
+
+    def __init__(self, inner: Predictor, tap: Tap) -> None:
+        self.inner, self.tap = inner, tap
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version
+
+    async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
+        prediction = await self.inner.predict(pixels, pin)
+        self.tap.observe(pixels, prediction.probabilities, prediction.model_version, ORIGINAL.get())
+        return prediction
+
+
+def tap_for(settings: Settings) -> Tap:
+    """This API server's tap on the settings' registry (started)."""
+    registry = Registry(settings.registry)
+    review = ReviewQueue(registry, settings.review_max_items, settings.review_max_bytes,
+                         settings.review_lease_seconds)
+    return Tap(review, TrafficRing(registry, settings.traffic_ring_size), Rules.of(settings),
+               settings.capture_queue_size).start()

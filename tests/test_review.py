@@ -1,0 +1,172 @@
+"""The review queue, the traffic ring and the capture tap, on a real registry directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.registry import Registry
+from service.finetune.feedback_store import FeedbackStore
+from service.loop.capture import Rules, Tap
+from service.loop.review import Capture, ReviewError, ReviewQueue
+from service.loop.traffic import TrafficRing
+
+
+def digit(value: int) -> np.ndarray:
+    return np.full((28, 28), value, dtype=np.uint8)
+
+
+def capture(value: int, confidence: float = 0.5) -> Capture:
+    return Capture(digit(value), prediction=value % 10, confidence=confidence, version="v0001", time=time.time())
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+def test_items_keep_what_the_model_saw(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    assert queue.add([capture(3, 0.41)]) == 1
+    [item] = queue.items()
+    assert np.array_equal(item.image, digit(3)) and item.prediction == 3 and item.confidence == pytest.approx(0.41)
+    assert item.version == "v0001" and item.source == "capture" and item.state.label is None
+
+
+def test_two_reviewers_never_get_the_same_item_and_a_label_is_given_once(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(v) for v in range(6)])
+    token_a, _, first = queue.lease("a", 4)
+    token_b, _, second = queue.lease("b", 4)
+    assert len(first) == 4 and len(second) == 2
+    assert not {i.item_id for i in first} & {i.item_id for i in second}
+    with pytest.raises(ReviewError) as lost:
+        queue.label(first[0].item_id, token_b, 7)  # b does not hold a's item
+    assert lost.value.code == "lease_lost"
+    queue.label(first[0].item_id, token_a, 7)
+    with pytest.raises(ReviewError) as twice:
+        queue.label(first[0].item_id, token_a, 8)
+    assert twice.value.code == "already_labelled"
+    images, labels = ReviewQueue(registry).labelled()
+    assert images.dtype == np.uint8 and images.shape == (1, 28, 28) and labels.tolist() == [7]
+    assert labels.dtype == np.int64
+
+
+def test_an_expired_lease_goes_to_the_next_reviewer(registry: Registry) -> None:
+    queue = ReviewQueue(registry, lease_seconds=0.2)
+    queue.add([capture(1)])
+    token_a, _, [item] = queue.lease("a", 1)
+    assert queue.lease("b", 1)[2] == []
+    time.sleep(0.3)
+    token_b, _, [again] = queue.lease("b", 1)
+    assert again.item_id == item.item_id
+    with pytest.raises(ReviewError):
+        queue.label(item.item_id, token_a, 1)
+    queue.label(item.item_id, token_b, 1)
+
+
+def test_skipped_items_come_after_the_others_and_discarded_ones_go(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(1)])
+    queue.add([capture(2)])
+    token, _, [oldest, newer] = queue.lease("a", 2)
+    queue.skip(oldest.item_id, token)
+    queue.discard(newer.item_id, token)
+    queue.add([capture(3)])
+    _, _, items = queue.lease("a", 5)
+    assert [i.image[0, 0] for i in items] == [3, 1]
+    assert queue.counts()["items"] == 2
+
+
+def test_full_queue_evicts_the_oldest_unlabelled_never_a_label(registry: Registry) -> None:
+    queue = ReviewQueue(registry, max_items=3)
+    queue.add([capture(v) for v in (1, 2, 3)])
+    token, _, items = queue.lease("a", 3)
+    queue.label(items[0].item_id, token, 1)
+    queue.skip(items[1].item_id, token)
+    queue.skip(items[2].item_id, token)
+    assert queue.add([capture(4)]) == 1  # the oldest unlabelled one (2) makes room
+    assert sorted(int(i.image[0, 0]) for i in queue.items()) == [1, 3, 4]
+    token, _, rest = queue.lease("a", 3)
+    for item in rest:
+        queue.label(item.item_id, token, 0)
+    assert queue.add([capture(5)]) == 0  # only labels left: refused, none lost
+    assert queue.counts() == {**queue.counts(), "items": 3, "labelled": 3}
+
+
+def test_bytes_bound_counts_kept_uploads(registry: Registry) -> None:
+    queue = ReviewQueue(registry, max_bytes=64 * 1024)
+    big = Capture(digit(1), 1, 0.5, "v0001", time.time(), original=b"x" * 40_000)
+    assert queue.add([big]) == 1 and queue.original(queue.items()[0].item_id) == b"x" * 40_000
+    assert queue.add([Capture(digit(2), 2, 0.5, "v0001", time.time(), original=b"y" * 40_000)]) == 1
+    assert len(queue.items()) == 1 and queue.counts()["bytes"] <= 64 * 1024
+
+
+def test_feedback_corrections_are_reviewed_like_captures(registry: Registry) -> None:
+    FeedbackStore(registry, 100, 1 << 20).add(digit(9), 9)
+    queue = ReviewQueue(registry)
+    token, _, [item] = queue.lease("a", 5)
+    assert item.source == "feedback" and item.suggested == 9 and item.prediction is None
+    queue.discard(item.item_id, token)
+    assert queue.lease("a", 5)[2] == []  # a discarded correction is not imported again
+
+
+def test_take_for_job_uses_each_label_once(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(v) for v in range(3)])
+    token, _, items = queue.lease("a", 3)
+    for item in items[:2]:
+        queue.label(item.item_id, token, 4)
+    seen = []
+    job_id, n = queue.take_for_job(lambda images, labels: seen.append((images.shape, labels.tolist())) or "job1")
+    assert (job_id, n) == ("job1", 2) and seen == [((2, 28, 28), [4, 4])]
+    with pytest.raises(ReviewError) as none_left:
+        queue.take_for_job(lambda *_: "job2")
+    assert none_left.value.code == "nothing_reviewed"
+    assert len(queue.labelled()[1]) == 2  # used labels stay
+
+
+def test_traffic_ring_is_bounded_and_returns_the_newest(registry: Registry) -> None:
+    ring = TrafficRing(registry, size=10)
+    for start in range(0, 30, 3):
+        ring.append(np.stack([digit(v) for v in range(start, start + 3)]))
+    recent = TrafficRing(registry).recent(5)
+    assert recent.dtype == np.uint8 and recent.shape == (5, 28, 28)
+    assert recent[:, 0, 0].tolist() == [25, 26, 27, 28, 29]
+    assert 10 <= len(ring) < 13
+
+
+def probabilities(confidences: list[float]) -> np.ndarray:
+    rows = np.full((len(confidences), 10), 0.0, dtype=np.float32)
+    for row, confidence in zip(rows, confidences, strict=True):
+        row[:] = (1 - confidence) / 9
+        row[3] = confidence
+    return rows
+
+
+def test_tap_captures_the_unsure_and_a_sample_and_feeds_the_ring(registry: Registry) -> None:
+    review, ring = ReviewQueue(registry), TrafficRing(registry, 100)
+    tap = Tap(review, ring, Rules(threshold=0.8, sample=0.5, traffic_every=2), seed=0).start()
+    pixels = np.stack([digit(v) for v in range(40)])
+    tap.observe(pixels, probabilities([0.5] * 10 + [0.99] * 30), "v0007")
+    tap.close()
+    reasons = [item.reason for item in review.items(limit=100)]
+    assert reasons.count("low_confidence") == 10 and 5 <= reasons.count("sample") <= 25
+    assert len(ring) == 20 and ring.recent(100)[:, 0, 0].tolist() == list(range(1, 40, 2))
+
+
+def test_tap_off_keeps_nothing_and_a_full_tap_drops_without_waiting(registry: Registry) -> None:
+    review, ring = ReviewQueue(registry), TrafficRing(registry)
+    tap = Tap(review, ring, Rules(enabled=False)).start()
+    tap.observe(np.stack([digit(1)]), probabilities([0.1]), "v0001")
+    tap.close()
+    assert review.items() == [] and len(ring) == 0
+
+    stalled = Tap(review, ring, Rules(), queue_size=2)  # not started: nothing drains it
+    started = time.monotonic()
+    for _ in range(100):
+        stalled.observe(np.stack([digit(1)]), probabilities([0.1]), "v0001")
+    assert time.monotonic() - started < 0.5 and stalled.pending.qsize() == 2
