@@ -66,7 +66,6 @@ prediction_confidence = Histogram(
     "digits_prediction_confidence", "Probability of the predicted digit, per model version (a drift signal)",
     ["version"], buckets=CONFIDENCE_BUCKETS,
 )
-LOW_CONFIDENCE = 0.9  # one of CONFIDENCE_BUCKETS: "low confidence" in the live-vs-canary comparison
 
 
 class ConvergenceCollector:
@@ -100,27 +99,40 @@ def render(readiness_report: dict | None = None) -> bytes:
     return generate_latest(registry)
 
 
-def confidence_by_version() -> dict[str, dict[str, float]]:
-    """Per version, over every process since the metrics were reset: predictions, mean confidence
-    and the share below LOW_CONFIDENCE (what live and canary are compared by)."""
+def low_confidence_edge(threshold: float) -> float:
+    """The confidence bucket edge nearest below ``threshold`` (DIGITS_REVIEW_THRESHOLD)."""
+    return max((edge for edge in CONFIDENCE_BUCKETS if edge <= threshold), default=CONFIDENCE_BUCKETS[0])
+
+
+def by_version(low_at: float) -> dict[str, dict[str, float | None]]:
+    """Per version, over every process since the server started: predictions, mean confidence,
+    the share at or below ``low_at`` (a bucket edge) and the share the capture tap kept for
+    review (what live and canary are compared by)."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    seen: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0.0, "sum": 0.0, "low": 0.0})
+    seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for family in registry.collect():
-        if family.name != "digits_prediction_confidence":
-            continue
         for sample in family.samples:
-            totals = seen[sample.labels["version"]]
-            if sample.name.endswith("_count"):
-                totals["count"] = sample.value
-            elif sample.name.endswith("_sum"):
-                totals["sum"] = sample.value
-            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == LOW_CONFIDENCE:
-                totals["low"] = sample.value
-    return {version: {"predictions": int(t["count"]),
-                      "mean_confidence": round(t["sum"] / t["count"], 4) if t["count"] else None,
-                      "low_confidence_share": round(t["low"] / t["count"], 4) if t["count"] else None}
-            for version, t in seen.items()}
+            totals = seen[sample.labels.get("version", "")]
+            if family.name == "digits_prediction_confidence":
+                if sample.name.endswith("_count"):
+                    totals["count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    totals["sum"] = sample.value
+                elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == low_at:
+                    totals["low"] = sample.value
+            elif family.name == "digits_review_observed" and sample.name.endswith("_total"):
+                totals["observed"] += sample.value
+            elif family.name == "digits_review_captured" and sample.name.endswith("_total"):
+                totals["captured"] += sample.value
+
+    def share(part: float, whole: float) -> float | None:
+        return round(part / whole, 4) if whole else None
+
+    return {version: {"predictions": int(t["count"]), "mean_confidence": share(t["sum"], t["count"]),
+                      "low_confidence_share": share(t["low"], t["count"]),
+                      "review_rate": share(t["captured"], t["observed"])}
+            for version, t in seen.items() if version}
 
 
 def set_runtime_info(runtime: str, reason: str, previous: tuple[str, str] | None = None) -> None:

@@ -137,6 +137,8 @@ def test_a_canary_serves_its_share_everywhere_and_pins_work(server, png, mnist_t
     assert status["canary_stats"]["predictions"] >= seen["v0002"] + 20 + 3
     assert status["live_stats"]["predictions"] >= seen["v0001"] + 20
     assert 0.5 < status["canary_stats"]["mean_confidence"] <= 1
+    assert status["low_confidence_at"] == 0.8  # the bucket edge of DIGITS_REVIEW_THRESHOLD's default
+    assert 0 <= status["canary_stats"]["low_confidence_share"] <= 1 and status["canary_stats"]["review_rate"] >= 0
     exposition = requests.get(f"{server.url}/metrics", timeout=10).text
     assert 'digits_prediction_confidence_count{version="v0002"}' in exposition
 
@@ -211,3 +213,18 @@ def test_promote_makes_the_canary_live_everywhere(server, png, registry) -> None
     assert registry.active_version() == "v0002" and registry.canary() is None
     assert versions_of(server, png, 40) == {"v0002": 40}
     requests.post(f"{server.url}/admin/models/v0001/activate", headers=AUTH, timeout=30)
+
+
+def test_every_replica_on_the_registry_honours_the_split(server, png, registry, tmp_path) -> None:
+    """A second server (a replica) on the same registry follows the canary the first one started."""
+    replica = service_process(registry.root, admin_token=TOKEN, api_servers=1, trainer_enabled="false")
+    replica.start(tmp_path)
+    try:
+        assert start_canary(server, "v0002", 30).status_code == 200
+        assert holders_serve_canary(replica, png, "v0002"), replica.log_tail()
+        seen = versions_of(replica, png, 100)
+        assert set(seen) == {"v0001", "v0002"} and abs(seen["v0002"] - 30) <= 19, seen  # 4 sd of Binomial(100, .3)
+        assert requests.post(f"{replica.url}/admin/canary/abort", headers=AUTH, timeout=10).status_code == 200
+        assert wait_until(lambda: versions_of(server, png, 10) == {"v0001": 10}, 5)
+    finally:
+        replica.stop()

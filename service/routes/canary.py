@@ -21,6 +21,7 @@ from service.http.errors import ClientError
 from service.routes.admin import Version, converged_on
 from service.routes.schemas import ActivateResponse, ErrorBody
 from service.routes.stores import RegistryDep, SettingsDep
+from service.settings import Settings
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -39,7 +40,8 @@ class VersionStats(BaseModel):
     version: str
     predictions: int = Field(description="digits predicted by this version since the server started")
     mean_confidence: float | None
-    low_confidence_share: float | None = Field(description=f"share with confidence <= {metrics.LOW_CONFIDENCE}")
+    low_confidence_share: float | None = Field(description="share with confidence <= `low_confidence_at`")
+    review_rate: float | None = Field(description="share the capture tap kept for the review queue")
 
 
 class CanaryStatus(BaseModel):
@@ -47,7 +49,7 @@ class CanaryStatus(BaseModel):
     canary: Canary | None = Field(description="the rollout under way, or null")
     live_stats: VersionStats | None
     canary_stats: VersionStats | None
-    low_confidence_at: float = metrics.LOW_CONFIDENCE
+    low_confidence_at: float = Field(description="the confidence bucket edge at or below DIGITS_REVIEW_THRESHOLD")
 
 
 class CanaryAborted(BaseModel):
@@ -58,15 +60,16 @@ class CanaryAborted(BaseModel):
 def stats_of(version: str | None, measured: dict[str, dict]) -> VersionStats | None:
     if version is None:
         return None
-    empty = {"predictions": 0, "mean_confidence": None, "low_confidence_share": None}
+    empty = {"predictions": 0, "mean_confidence": None, "low_confidence_share": None, "review_rate": None}
     return VersionStats(version=version, **measured.get(version, empty))
 
 
-def status(registry: Registry) -> CanaryStatus:
+def status(registry: Registry, settings: Settings) -> CanaryStatus:
     active, canary = registry.active_version(), registry.canary()
-    measured = metrics.confidence_by_version()
+    low_at = metrics.low_confidence_edge(settings.review_threshold)
+    measured = metrics.by_version(low_at)
     return CanaryStatus(active=active, canary=canary, live_stats=stats_of(active, measured),
-                        canary_stats=stats_of(canary.version if canary else None, measured))
+                        canary_stats=stats_of(canary.version if canary else None, measured), low_confidence_at=low_at)
 
 
 @router.post("/models/{version}/canary", response_model=CanaryStatus,
@@ -85,12 +88,12 @@ async def start(version: Version, body: CanaryRequest, registry: RegistryDep, se
         await asyncio.to_thread(registry.start_canary, version, body.percent)
     except RegistryError as exc:
         raise ClientError(409, "already_active", str(exc)) from None
-    return status(registry)
+    return status(registry, settings)
 
 
 @router.get("/canary", response_model=CanaryStatus, summary="The canary rollout, and live and canary compared")
-async def get_canary(registry: RegistryDep) -> CanaryStatus:
-    return status(registry)
+async def get_canary(registry: RegistryDep, settings: SettingsDep) -> CanaryStatus:
+    return status(registry, settings)
 
 
 @router.post("/canary/promote", response_model=ActivateResponse,
