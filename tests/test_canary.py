@@ -228,3 +228,24 @@ def test_every_replica_on_the_registry_honours_the_split(server, png, registry, 
         assert wait_until(lambda: versions_of(server, png, 10) == {"v0001": 10}, 5)
     finally:
         replica.stop()
+
+
+def test_batching_inference_workers_split_and_pin_too(start_server, registry, png) -> None:
+    """With the model in LitServe's inference workers, pins travel on the queue and the split is
+    drawn per batch; an abort fails no request there either."""
+    server = start_server(registry.root, admin_token=TOKEN, inference="worker", batch_timeout=0.005,
+                          trainer_enabled="false")
+    assert start_canary(server, "v0002", 50).status_code == 200
+    try:
+        assert holders_serve_canary(server, png, "v0002"), server.log_tail()
+        assert versions_of(server, png, 20, **{"X-Model-Version": "v0001"}) == {"v0001": 20}
+        assert set(versions_of(server, png, 60)) == {"v0001", "v0002"}
+        with Load(server.url, [png], clients=4, max_seconds=30) as load:
+            assert wait_until(lambda: {o.version for o in load.outcomes} >= {"v0001", "v0002"}, 10)
+            assert requests.post(f"{server.url}/admin/canary/abort", headers=AUTH, timeout=10).status_code == 200
+            count = len(load.outcomes)
+            assert wait_until(lambda: len(load.outcomes) > count + 100, 20)
+        assert load.failures() == [], load.failures()[:5]
+        assert versions_of(server, png, 30) == {"v0001": 30}
+    finally:
+        requests.post(f"{server.url}/admin/canary/abort", headers=AUTH, timeout=10)
