@@ -66,7 +66,8 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
         if placement.where == "api":
             def announce(serving) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
-                                runtime=serving.runtime.name, runtime_reason=placement.reason)
+                                runtime=serving.runtime.name, runtime_reason=placement.reason,
+                                canary_version=slot.canary_version)
 
             def not_ready(problem: str) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", problem=problem)

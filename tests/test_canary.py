@@ -137,6 +137,7 @@ def test_a_canary_serves_its_share_everywhere_and_pins_work(server, png, mnist_t
     assert status["canary_stats"]["predictions"] >= seen["v0002"] + 20 + 3
     assert status["live_stats"]["predictions"] >= seen["v0001"] + 20
     assert 0.5 < status["canary_stats"]["mean_confidence"] <= 1
+    assert status["holders"] == status["holders_with_canary"] == 2
     assert status["low_confidence_at"] == 0.8  # the bucket edge of DIGITS_REVIEW_THRESHOLD's default
     assert 0 <= status["canary_stats"]["low_confidence_share"] <= 1 and status["canary_stats"]["review_rate"] >= 0
     exposition = requests.get(f"{server.url}/metrics", timeout=10).text
@@ -162,14 +163,23 @@ def test_bad_canary_requests_are_4xx_naming_the_problem(server, png) -> None:
     paths = requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
     assert {"/admin/models/{version}/canary", "/admin/canary", "/admin/canary/promote",
             "/admin/canary/abort"} <= set(paths)
+    start = paths["/admin/models/{version}/canary"]["post"]
+    assert "CanaryRequest" in str(start["requestBody"]) and {"401", "404", "409", "422"} <= set(start["responses"])
+    assert "409" in paths["/admin/canary/promote"]["post"]["responses"]
 
 
 def test_a_canary_that_fails_serves_nobody_and_fails_no_request(server, png, registry) -> None:
     assert start_canary(server, "v0003", 50).status_code == 200
     assert wait_until(lambda: registry.canary() is not None, 5)
-    seen = versions_of(server, png, 120)  # every request 200 (checked inside)
-    assert seen["v0001"] == 120, seen
+    answers = [post_png(server.url, png) for _ in range(120)]  # a connection each: both API servers get some
+    assert [r.status_code for r in answers] == [200] * 120, [r.text for r in answers if r.status_code != 200][:3]
+    assert {r.json()["model_version"] for r in answers} == {"v0001"}
     assert "failed while serving" in server.log_tail(10**6)
+
+    def canary_holders() -> int:
+        return requests.get(f"{server.url}/admin/canary", headers=AUTH, timeout=10).json()["holders_with_canary"]
+
+    assert wait_until(lambda: canary_holders() == 0, 5), canary_holders()  # each holder that failed dropped it
 
 
 def test_abort_under_load_fails_no_request(server, png) -> None:

@@ -99,6 +99,7 @@ class ModelSlot:
             except Exception as exc:
                 if serving is not live:  # the canary failed: the live version answers
                     self.canary.failed(serving, exc)
+                    self.on_change(live)
                     serving = live
                 elif is_compiled(serving.runtime):
                     log.exception("the compiled model failed; switching to ONNX Runtime")
@@ -109,6 +110,12 @@ class ModelSlot:
             metrics.batch_size.observe(len(pixels))
             metrics.inference_latency.labels(serving.runtime.name).observe(time.perf_counter() - started)
             return probabilities, serving
+
+    @property
+    def canary_version(self) -> str | None:
+        """The canary this holder serves beside its live version (None: none, or it could not load)."""
+        state = self.canary.state
+        return state.version if state is not None else None
 
     def _fall_back(self, reason: str) -> Serving:
         """Called with the lock held."""
@@ -134,12 +141,14 @@ class ModelSlot:
         while not self._stop.wait(SWAP_POLL_SECONDS):
             try:
                 self.refresh()
-                self.canary.refresh(self.serving.version if self.serving is not None else None)
                 failure = None
             except Exception as exc:
                 if str(exc) != failure:  # once per reason, not every poll
                     log.exception("could not swap to the newly activated version; retrying")
                     failure = str(exc)
+            live = self.serving
+            if self.canary.refresh(live.version if live is not None else None) and live is not None:  # never raises
+                self.on_change(live)  # the holder's announcement names its canary too
 
     def refresh(self) -> bool:
         """Swap to the registry's active version if it changed (or, without a model, try again

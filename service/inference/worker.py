@@ -66,7 +66,7 @@ class PredictAPI(adapter.BatchedAPI[Pinned, ItemResult]):
         def announce(serving) -> None:
             readiness.write(self.settings.run_dir, "worker", index, device=options.device,
                             model_version=serving.version, runtime=serving.runtime.name,
-                            runtime_reason=serving.reason)
+                            runtime_reason=serving.reason, canary_version=self.slot.canary_version)
 
         from model.registry import Registry
 

@@ -16,9 +16,13 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from model.registry import Registry
 from service.http.errors import ClientError
+
+if TYPE_CHECKING:
+    from service.inference.model_slot import Serving
 
 log = logging.getLogger("digits.canary")
 PIN_HEADER = "x-model-version"
@@ -27,7 +31,7 @@ UNREAD = (-1, -1)  # a marker no file has: the first poll reads the pointer
 
 @dataclass(frozen=True)
 class CanaryState:
-    serving: object  # the slot's Serving of the canary version (no import: model_slot imports this module)
+    serving: Serving  # the slot's Serving of the canary version
     percent: float
 
     @property
@@ -39,38 +43,42 @@ class CanaryArm:
     """The canary this holder serves, if any. ``state`` is replaced whole (one attribute
     assignment), so a prediction reads one consistent canary without a lock."""
 
-    def __init__(self, registry: Registry, build: Callable[[str], object]) -> None:
+    def __init__(self, registry: Registry, build: Callable[[str], Serving]) -> None:
         """``build(version)``: the slot's Serving of that version (raises when it cannot load)."""
         self.registry, self.build = registry, build
         self.marker: tuple[int, int] | None = UNREAD
         self.state: CanaryState | None = None
-        self.problem: str | None = None  # why the canary is not served here (logs; the state says None)
 
     def refresh(self, live_version: str | None) -> bool:
-        """Follow the CANARY pointer; True when it changed. A load failure is logged and kept
-        (the canary is not served here) until the pointer changes again."""
-        marker = self.registry.canary_marker()
-        if marker == self.marker:
+        """Follow the CANARY pointer; True when it changed. Never raises: a load failure is
+        logged and kept (the canary is not served here) until the pointer changes again; an
+        unreadable pointer is retried at the next poll."""
+        try:
+            marker = self.registry.canary_marker()
+            if marker == self.marker:
+                return False
+            canary = self.registry.canary()
+        except Exception as exc:  # e.g. the shared volume unreachable: keep what is served, retry
+            log.warning("cannot read the canary pointer (%s); retrying", exc)
             return False
-        canary = self.registry.canary()
         self.marker = marker
         if canary is None or canary.version == live_version:
-            self._drop(None)
+            self.state = None
             return True
         current = self.state
         if current is not None and current.version == canary.version:
             self.state = CanaryState(current.serving, canary.percent)
             return True
         try:
-            self.state, self.problem = CanaryState(self.build(canary.version), canary.percent), None
-        except Exception as exc:  # any load failure: the live version serves everything
+            self.state = CanaryState(self.build(canary.version), canary.percent)
+        except Exception:  # any load failure: the live version serves everything
             log.exception("cannot load canary %s; serving the live version only", canary.version)
-            self._drop(f"canary {canary.version} failed to load: {exc}")
+            self.state = None
             return True
         log.info("serving canary %s to %s%% of requests", canary.version, canary.percent)
         return True
 
-    def pick(self, live, pin: str | None):
+    def pick(self, live: Serving, pin: str | None) -> Serving:
         """The Serving for one request: the canary for its share (or when pinned to it), else ``live``."""
         state = self.state
         if state is None:
@@ -79,14 +87,11 @@ class CanaryArm:
             return state.serving if pin == state.version else live
         return state.serving if random.random() * 100 < state.percent else live
 
-    def failed(self, serving, exc: Exception) -> None:
+    def failed(self, serving: Serving, exc: Exception) -> None:
         """The canary raised while serving: drop it here (the caller answers with the live version)."""
         log.error("canary %s failed while serving (%s); serving the live version only", serving.version, exc)
         if self.state is not None and self.state.serving is serving:
-            self._drop(f"canary {serving.version} failed while serving: {exc}")
-
-    def _drop(self, problem: str | None) -> None:
-        self.state, self.problem = None, problem
+            self.state = None
 
 
 def check_pin(registry: Registry, pin: str | None) -> str | None:

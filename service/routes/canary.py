@@ -18,6 +18,7 @@ from model.registry import ONNX, Canary, Registry, RegistryError
 from service import metrics
 from service.http.auth import require_admin
 from service.http.errors import ClientError
+from service.inference import readiness
 from service.routes.admin import Version, converged_on
 from service.routes.schemas import ActivateResponse, ErrorBody
 from service.routes.stores import RegistryDep, SettingsDep
@@ -50,6 +51,9 @@ class CanaryStatus(BaseModel):
     live_stats: VersionStats | None
     canary_stats: VersionStats | None
     low_confidence_at: float = Field(description="the confidence bucket edge at or below DIGITS_REVIEW_THRESHOLD")
+    holders: int = Field(description="model holders of this server that serve a model")
+    holders_with_canary: int = Field(description="of them, those that have loaded the canary (a holder that "
+                                                 "cannot load it, or whose canary failed, serves the live version)")
 
 
 class CanaryAborted(BaseModel):
@@ -64,12 +68,15 @@ def stats_of(version: str | None, measured: dict[str, dict]) -> VersionStats | N
     return VersionStats(version=version, **measured.get(version, empty))
 
 
-def status(registry: Registry, settings: Settings) -> CanaryStatus:
+def status(request: Request, registry: Registry, settings: Settings) -> CanaryStatus:
     active, canary = registry.active_version(), registry.canary()
     low_at = metrics.low_confidence_edge(settings.review_threshold)
     measured = metrics.by_version(low_at)
+    holders = readiness.report(request.app)["holders"]
+    with_canary = sum(1 for h in holders if canary is not None and h.get("canary_version") == canary.version)
     return CanaryStatus(active=active, canary=canary, live_stats=stats_of(active, measured),
-                        canary_stats=stats_of(canary.version if canary else None, measured), low_confidence_at=low_at)
+                        canary_stats=stats_of(canary.version if canary else None, measured), low_confidence_at=low_at,
+                        holders=len(holders), holders_with_canary=with_canary)
 
 
 @router.post("/models/{version}/canary", response_model=CanaryStatus,
@@ -77,7 +84,8 @@ def status(registry: Registry, settings: Settings) -> CanaryStatus:
              responses={404: {"model": ErrorBody, "description": "no such version"},
                         409: {"model": ErrorBody, "description": "the version is active, or cannot be served here"},
                         422: {"model": ErrorBody, "description": "percent missing or outside 1-50"}})
-async def start(version: Version, body: CanaryRequest, registry: RegistryDep, settings: SettingsDep) -> CanaryStatus:
+async def start(version: Version, body: CanaryRequest, request: Request, registry: RegistryDep,
+                settings: SettingsDep) -> CanaryStatus:
     if not registry.exists(version):
         raise ClientError(404, "unknown_version", f"no version {version}; see GET /admin/models")
     needs_onnx = settings.runtime != "torch"  # ONNX Runtime serves on CPU, and on every runtime's fallback
@@ -88,12 +96,12 @@ async def start(version: Version, body: CanaryRequest, registry: RegistryDep, se
         await asyncio.to_thread(registry.start_canary, version, body.percent)
     except RegistryError as exc:
         raise ClientError(409, "already_active", str(exc)) from None
-    return status(registry, settings)
+    return status(request, registry, settings)
 
 
 @router.get("/canary", response_model=CanaryStatus, summary="The canary rollout, and live and canary compared")
-async def get_canary(registry: RegistryDep, settings: SettingsDep) -> CanaryStatus:
-    return status(registry, settings)
+async def get_canary(request: Request, registry: RegistryDep, settings: SettingsDep) -> CanaryStatus:
+    return status(request, registry, settings)
 
 
 @router.post("/canary/promote", response_model=ActivateResponse,
