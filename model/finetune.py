@@ -16,6 +16,10 @@ promoted, whatever its figures (send at least ``min_holdout_samples / holdout_fr
 Slices: the candidate must not be worse than the base on any slice of :mod:`model.slices`
 beyond chance: the same exact McNemar test per slice, Holm's step-down correction over the
 slices so that the chance of rejecting a candidate that hurts no slice stays at ``slice_alpha``.
+
+Shadow: given a ``shadow`` judge (the service's shadow evaluation, service/loop/shadow.py), the
+candidate is replayed beside the base on recent traffic and people's reviewed items; a candidate
+worse on the reviewed items beyond chance (the same exact test, at ``review_alpha``) is rejected.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class FinetuneOutcome:
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    shadow: dict[str, Any] | None = None  # the shadow judge's report, when there was one
 
 
 def split_holdout(
@@ -106,9 +111,10 @@ def slice_decisions(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
 
 def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: float, mnist_after: float,
          options: FinetuneOptions, slices_before: dict[str, np.ndarray] | None = None,
-         slices_after: dict[str, np.ndarray] | None = None) -> Gate:
+         slices_after: dict[str, np.ndarray] | None = None, shadow: dict[str, Any] | None = None) -> Gate:
     """Promote only on enough held-out evidence, and unless MNIST fell by more than the bound,
-    the held-out upload got worse beyond chance, or any slice did."""
+    the held-out upload got worse beyond chance, or any slice did, or (``shadow``, a report with
+    ``worse`` and ``decision``) the reviewed traffic did."""
     fixed = int((candidate_right & ~base_right).sum())
     broken = int((base_right & ~candidate_right).sum())
     p_value = worse_p_value(fixed, broken)
@@ -146,6 +152,8 @@ def gate(base_right: torch.Tensor, candidate_right: torch.Tensor, mnist_before: 
             failures.append(worse)
         else:
             figures += f", slices not guarded (guard_slices false): {worse}"
+    if shadow is not None and shadow["worse"]:
+        failures.append(f"shadow evaluation: {shadow['decision']}")
     if failures:
         return Gate(False, f"rejected: {'; '.join(failures)}; {figures}", metrics)
     return Gate(True, f"promoted: {figures}", metrics)
@@ -161,9 +169,11 @@ def finetune(
     on_epoch: Callable[[EpochStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     slices: list[ReadSlice] | None = None,
+    shadow: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> FinetuneOutcome:
     """Train a copy of ``base`` on uploaded uint8 digits [N,28,28]; decide on promotion
-    (``slices``: the slice suite, read through the preprocessing, for the per-slice gate)."""
+    (``slices``: the slice suite, read through the preprocessing, for the per-slice gate;
+    ``shadow(candidate)``: the shadow evaluation's report, for the shadow rule)."""
     started = time.perf_counter()
     train_x, train_y, hold_x, hold_y = split_holdout(images, labels, options.holdout_fraction, options.seed)
     base_right = correct(base, hold_x, hold_y)
@@ -198,10 +208,12 @@ def finetune(
     before.update(sizes)
     slices_before = correct_per_slice(slices, base) if slices else None
     slices_after = correct_per_slice(slices, model) if slices else None
+    report = shadow(model) if shadow is not None else None
     decision = gate(base_right, candidate_right, before["mnist_test_accuracy"], after["mnist_test_accuracy"], options,
-                    slices_before, slices_after)
+                    slices_before, slices_after, report)
     after.update(sizes, **decision.metrics)
-    return FinetuneOutcome(decision.promoted, decision.reason, model, before, after, time.perf_counter() - started)
+    return FinetuneOutcome(decision.promoted, decision.reason, model, before, after, time.perf_counter() - started,
+                           report)
 
 
 def _mean(right: torch.Tensor) -> float | None:

@@ -36,4 +36,9 @@ class FinetuneOptions(BaseModel):
         True, description="false: a slice worse beyond chance is reported in the record and the reason but does "
                           "not block the promotion (a deliberate trade, e.g. teaching a new domain)",
     )
+    review_alpha: float = Field(
+        0.05, gt=0, le=0.5,
+        description="shadow evaluation: reject when the candidate is worse than the live model on reviewed "
+                    "traffic at this one-sided significance (exact McNemar test); no reviewed items: no block",
+    )
     seed: int = Field(0, ge=0)

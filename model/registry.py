@@ -3,6 +3,7 @@
 Layout under the registry root::
 
     ACTIVE                      the active version id (replaced atomically by rename)
+    CANARY                      a canary rollout, if any: JSON {version, percent, live, started}
     versions/<vNNNN>/           one directory per published version, renamed in whole
         model.safetensors       weights (never pickled)
         manifest.json           id, architecture, parent, metrics, data hash, hyperparameters
@@ -64,6 +65,16 @@ class RegistryError(RuntimeError):
     pass
 
 
+class Canary(BaseModel):
+    """A canary rollout: ``percent`` of requests are served by ``version``, the rest by the
+    active version (``live`` when the canary started)."""
+
+    version: str
+    percent: float = Field(..., gt=0, le=100)
+    live: str
+    started: float = Field(default_factory=time.time)
+
+
 class Manifest(BaseModel):
     version: str
     arch: str
@@ -97,6 +108,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _marker(path: Path) -> tuple[int, int] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_ino, st.st_mtime_ns
+
+
 class Registry:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -106,6 +129,7 @@ class Registry:
         self.samples_dir = self.root / "samples"
         self.feedback_dir = self.root / "feedback"
         self.active_file = self.root / "ACTIVE"
+        self.canary_file = self.root / "CANARY"
         self.feedback_index = self.feedback_dir / "INDEX.json"
         self.feedback_lock_path = self.feedback_dir / ".lock"
         self.trainer_lock_path = self.root / ".trainer.lock"
@@ -163,15 +187,18 @@ class Registry:
         """A cheap fingerprint of the ACTIVE pointer: it changes on every activation. Opened,
         not just stat'ed: on a shared NFS volume an open revalidates the file (close-to-open
         consistency) where a bare stat may answer from the attribute cache for seconds."""
+        return _marker(self.active_file)
+
+    def canary(self) -> Canary | None:
+        """The canary rollout under way, or None."""
         try:
-            fd = os.open(self.active_file, os.O_RDONLY)
+            return Canary.model_validate_json(self.canary_file.read_text())
         except FileNotFoundError:
             return None
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return st.st_ino, st.st_mtime_ns
+
+    def canary_marker(self) -> tuple[int, int] | None:
+        """Like :meth:`active_marker`, for the CANARY pointer (None: no canary)."""
+        return _marker(self.canary_file)
 
     def load_state_dict(self, version: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -338,6 +365,32 @@ class Registry:
             raise RegistryError(f"no version {version} in {self.root}")
         with self.lock:
             self._write_active(version)
+
+    def start_canary(self, version: str, percent: float) -> Canary:
+        """Serve ``percent`` of requests with ``version`` (replacing any canary under way)."""
+        if not self.exists(version):
+            raise RegistryError(f"no version {version} in {self.root}")
+        with self.lock:
+            live = self.active_version()
+            if live is None or live == version:
+                raise RegistryError(f"{version} is the active version; a canary must be another version")
+            canary = Canary(version=version, percent=percent, live=live)
+            atomic_write_bytes(self.canary_file, canary.model_dump_json().encode())
+            _fsync_dir(self.root)
+            return canary
+
+    def end_canary(self, promote: bool) -> Canary:
+        """Promote (ACTIVE moves to the canary, then the canary ends) or abort (the canary ends).
+        Raises RegistryError when no canary is under way."""
+        with self.lock:
+            canary = self.canary()
+            if canary is None:
+                raise RegistryError("no canary rollout is under way")
+            if promote:
+                self._write_active(canary.version)
+            self.canary_file.unlink()
+            _fsync_dir(self.root)
+            return canary
 
     def _write_active(self, version: str) -> None:
         atomic_write_bytes(self.active_file, f"{version}\n".encode())

@@ -114,6 +114,42 @@ def render(readiness_report: dict | None = None) -> bytes:
     return generate_latest(registry)
 
 
+def low_confidence_edge(threshold: float) -> float:
+    """The confidence bucket edge nearest below ``threshold`` (DIGITS_REVIEW_THRESHOLD)."""
+    return max((edge for edge in CONFIDENCE_BUCKETS if edge <= threshold), default=CONFIDENCE_BUCKETS[0])
+
+
+def by_version(low_at: float) -> dict[str, dict[str, float | None]]:
+    """Per version, over every process since the server started: predictions, mean confidence,
+    the share at or below ``low_at`` (a bucket edge) and the share the capture tap kept for
+    review (what live and canary are compared by)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for family in registry.collect():
+        for sample in family.samples:
+            totals = seen[sample.labels.get("version", "")]
+            if family.name == "digits_prediction_confidence":
+                if sample.name.endswith("_count"):
+                    totals["count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    totals["sum"] = sample.value
+                elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == low_at:
+                    totals["low"] = sample.value
+            elif family.name == "digits_review_observed" and sample.name.endswith("_total"):
+                totals["observed"] += sample.value
+            elif family.name == "digits_review_captured" and sample.name.endswith("_total"):
+                totals["captured"] += sample.value
+
+    def share(part: float, whole: float) -> float | None:
+        return round(part / whole, 4) if whole else None
+
+    return {version: {"predictions": int(t["count"]), "mean_confidence": share(t["sum"], t["count"]),
+                      "low_confidence_share": share(t["low"], t["count"]),
+                      "review_rate": share(t["captured"], t["observed"])}
+            for version, t in seen.items() if version}
+
+
 def set_runtime_info(runtime: str, reason: str, previous: tuple[str, str] | None = None) -> None:
     if previous is not None and previous != (runtime, reason):
         runtime_info.labels(*previous).set(0)

@@ -25,7 +25,7 @@ from service.inference.predictor import InProcessPredictor, WorkerPredictor, ser
 from service.inference.runtimes import Serving
 from service.inference.worker import PredictAPI
 from service.loop import capture
-from service.routes import admin, feedback, ops, predict, review
+from service.routes import admin, canary, feedback, ops, predict, review
 from service.routes.predict import PredictEndpoint
 from service.settings import Settings
 
@@ -69,7 +69,8 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
         if placement.where == "api":
             def announce(serving: Serving) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
-                                runtime=serving.runtime.name, runtime_reason=placement.reason)
+                                runtime=serving.runtime.name, runtime_reason=placement.reason,
+                                canary_version=slot.canary_version)
 
             def not_ready(problem: str) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", problem=problem)
@@ -145,5 +146,6 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     app.include_router(admin.router)
     app.include_router(review.router)
     app.include_router(review.console)
+    app.include_router(canary.router)
     v2.install(app, settings)  # after the model lifespan: gRPC starts once the predictor exists
     return server

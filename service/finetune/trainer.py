@@ -38,6 +38,7 @@ from model.slices import ReadSlice, gate_suite
 from model.train import EpochStats
 from service import metrics
 from service.finetune.jobs import JobStore
+from service.loop.shadow import recent_evidence, replay
 from service.routes.schemas import JobRecord, JobState
 from service.settings import Settings
 
@@ -96,12 +97,17 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                                "loss": round(stats.train_loss, 5)}
             store.save(record)
 
+        traffic, reviewed, reviewed_labels = recent_evidence(registry, settings.traffic_ring_size, record.job_id)
+
+        def shadow(candidate: torch.nn.Module) -> dict:
+            return replay(base, candidate, traffic, reviewed, reviewed_labels, record.options.review_alpha)
+
         outcome = finetune(base, images, labels, mnist(str(settings.data_dir), True), test_set,
                            record.options, on_epoch=progress, should_stop=should_stop,
-                           slices=gate_slices(str(settings.data_dir)))
+                           slices=gate_slices(str(settings.data_dir)), shadow=shadow)
         if should_stop():
             raise InterruptedError
-        record.metrics_before, record.metrics_after = outcome.before, outcome.after
+        record.metrics_before, record.metrics_after, record.shadow = outcome.before, outcome.after, outcome.shadow
         record.message = f"{outcome.reason} ({outcome.seconds:.1f} s)"
         if outcome.promoted:
             published = publish_model(
@@ -109,6 +115,7 @@ def run_job(record: JobRecord, store: JobStore, registry: Registry, settings: Se
                 parent=manifest.version, job_id=record.job_id,
                 metrics={"test_accuracy": outcome.after["mnist_test_accuracy"], "finetune": outcome.after,
                          "finetune_before": outcome.before, "finetune_seconds": round(outcome.seconds, 1),
+                         "shadow": outcome.shadow,
                          "slices": {name: {"accuracy": row["after"], "n": row["n"]}
                                     for name, row in outcome.after["slices"].items()}},
                 data_hash=manifest.data_hash,

@@ -3,7 +3,8 @@
 A process (an API server on CPU, an inference worker otherwise) holds one :class:`Serving`
 state, replaced whole under a lock: a prediction always sees one runtime, version and reason.
 A watcher thread polls the registry's ACTIVE pointer (one stat call) and swaps in newly
-activated versions between predictions.
+activated versions between predictions. It follows the CANARY pointer too: a canary version
+is served beside the live one to its share of requests (service/loop/canary.py).
 
 A version that cannot be served here (no model.onnx, and no torch to export one) leaves the
 slot without a model and with a :attr:`ModelSlot.problem` that /ready reports; the watcher
@@ -24,6 +25,7 @@ from model.onnx_serving import OnnxUnavailable
 from model.registry import Registry
 from service import metrics
 from service.inference.runtimes import RuntimeOptions, Serving, build_runtime, choose_runtime, is_compiled
+from service.loop.canary import CanaryArm
 
 log = logging.getLogger("digits.model")
 SWAP_POLL_SECONDS = 0.25
@@ -47,6 +49,7 @@ class ModelSlot:
         self.serving: Serving | None = None
         self.problem: str | None = None
         self.marker = registry.active_marker()
+        self.canary = CanaryArm(registry, self._canary_serving)
         version = registry.active_version()
         if version is None:
             raise RuntimeError(f"registry {registry.root} has no active version; run `make train` first")
@@ -71,24 +74,37 @@ class ModelSlot:
             self.problem = problem
             self.on_problem(problem)
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, Serving]:
-        """Probabilities for uint8 [n,28,28], and the state that computed them."""
+    def predict(self, pixels: np.ndarray, pin: str | None = None) -> tuple[np.ndarray, Serving]:
+        """Probabilities for uint8 [n,28,28], and the state that computed them: the live version,
+        or the canary for its share of calls (``pin``: a version asked for by name)."""
         with self.lock:
-            serving = self.serving
-            if serving is None:
+            live = self.serving
+            if live is None:
                 raise ModelUnavailable(self.problem)
+            serving = self.canary.pick(live, pin)
             started = time.perf_counter()
             try:
                 probabilities = serving.runtime.probabilities(pixels)
             except Exception as exc:
-                if not is_compiled(serving.runtime):
+                if serving is not live:  # the canary failed: the live version answers
+                    self.canary.failed(serving, exc)
+                    self.on_change(live)
+                    serving = live
+                elif is_compiled(serving.runtime):
+                    log.exception("the compiled model failed; switching to ONNX Runtime")
+                    serving = self._fall_back(f"torch.compile failed while serving ({exc}); fallback")
+                else:
                     raise
-                log.exception("the compiled model failed; switching to ONNX Runtime")
-                serving = self._fall_back(f"torch.compile failed while serving ({exc}); fallback")
                 probabilities = serving.runtime.probabilities(pixels)
             metrics.batch_size.observe(len(pixels))
             metrics.inference_latency.labels(serving.runtime.name).observe(time.perf_counter() - started)
             return probabilities, serving
+
+    @property
+    def canary_version(self) -> str | None:
+        """The canary this holder serves beside its live version (None: none, or it could not load)."""
+        state = self.canary.state
+        return state.version if state is not None else None
 
     def _fall_back(self, reason: str) -> Serving:
         """Called with the lock held."""
@@ -119,6 +135,9 @@ class ModelSlot:
                 if str(exc) != failure:  # once per reason, not every poll
                     log.exception("could not swap to the newly activated version; retrying")
                     failure = str(exc)
+            live = self.serving
+            if self.canary.refresh(live.version if live is not None else None) and live is not None:  # never raises
+                self.on_change(live)  # the holder's announcement names its canary too
 
     def refresh(self) -> bool:
         """Swap to the registry's active version if it changed (or, without a model, try again
@@ -159,6 +178,17 @@ class ModelSlot:
         self.marker = marker
         self.on_change(serving)
         return True
+
+    def _canary_serving(self, version: str) -> Serving:
+        """A canary is built like the live version's replacement in a swap, never in place."""
+        with self.lock:
+            live = self.serving
+        if live is None:
+            raise ModelUnavailable(self.problem)
+        runtime = build_runtime("torch" if is_compiled(live.runtime) else "onnx", self.registry, version, self.options)
+        if is_compiled(runtime):
+            runtime.warm_up()
+        return Serving(runtime, f"canary beside {live.version}", live.code)
 
     def _swap(self, current: Serving, version: str) -> Serving | None:
         runtime = current.runtime

@@ -21,6 +21,7 @@ from service.inference import litserve_adapter as adapter
 from service.inference import readiness
 from service.inference.model_slot import ModelSlot, ModelUnavailable
 from service.inference.worker import ItemResult, WorkItem
+from service.loop.canary import check_pinned_answer
 
 log = logging.getLogger("digits.predictor")
 WORKER_WATCH_SECONDS = 0.1
@@ -38,8 +39,9 @@ class Predictor(Protocol):
     def model_version(self) -> str:
         """The version that answers now; "" while no model holder has announced one."""
 
-    async def predict(self, pixels: np.ndarray) -> Prediction:
-        """uint8 [n,28,28], white digit on black. Raises ClientError (503, 504, 500) when no answer comes."""
+    async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
+        """uint8 [n,28,28], white digit on black; ``pin``: the version asked for by name (checked
+        by ``service.loop.canary.check_pin``). Raises ClientError (503, 504, 500) when no answer comes."""
 
 
 def serve_with(app: FastAPI, predictor: Predictor) -> None:
@@ -59,11 +61,12 @@ class InProcessPredictor:
     def __init__(self, slot: ModelSlot) -> None:
         self.slot = slot
 
-    async def predict(self, pixels: np.ndarray) -> Prediction:
+    async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
         try:
-            probabilities, serving = self.slot.predict(pixels)
+            probabilities, serving = self.slot.predict(pixels, pin)
         except ModelUnavailable as exc:
             raise ClientError(503, "model_unavailable", f"no model is served yet: {exc}") from None
+        check_pinned_answer(pin, serving.version)
         return Prediction(probabilities, serving.version, serving.runtime.name)
 
     @property
@@ -82,12 +85,12 @@ class WorkerPredictor:
         self.worker_pids: dict[int, int] = {}
         self.model_version = ""  # what the workers announce (their readiness files), as /ready reports
 
-    async def predict(self, pixels: np.ndarray) -> Prediction:
+    async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
         worker = self._least_loaded_ready_worker()
         self.in_flight[worker] += 1
         try:
             result: ItemResult = await adapter.submit(
-                self.server, worker, WorkItem(pixels.tobytes(), len(pixels), time.monotonic()))
+                self.server, worker, WorkItem(pixels.tobytes(), len(pixels), time.monotonic(), pin or ""))
         except adapter.WorkerGone as exc:
             raise ClientError(503, "worker_died", f"{exc}; retry: a new worker is starting") from None
         except adapter.QueueTimeout as exc:
@@ -98,6 +101,7 @@ class WorkerPredictor:
             self.in_flight[worker] -= 1
         if result.error is not None:
             raise ClientError(500, "inference_failed", result.error)
+        check_pinned_answer(pin, result.model_version)
         return Prediction(result.probabilities, result.model_version, result.runtime)
 
     def _least_loaded_ready_worker(self) -> int:

@@ -26,6 +26,12 @@ class WorkItem(NamedTuple):
     pixels: bytes  # uint8 [count,28,28], white on black
     count: int
     enqueued_at: float  # time.monotonic(): system-wide on Linux, so comparable across processes
+    pin: str = ""  # a version the client asked for by name (the active or the canary), or ""
+
+
+class Pinned(NamedTuple):
+    pixels: np.ndarray  # uint8 [count,28,28]
+    pin: str
 
 
 class ItemResult(NamedTuple):
@@ -37,7 +43,7 @@ class ItemResult(NamedTuple):
     error: str | None = None
 
 
-class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
+class PredictAPI(adapter.BatchedAPI[Pinned, ItemResult]):
     def __init__(self, settings: Settings, holds_model: bool) -> None:
         """Without ``holds_model`` this is the idle worker LitServe starts anyway (the model is in the API servers)."""
         batch_timeout = 0.0 if settings.batching == "greedy" else settings.batch_timeout
@@ -60,7 +66,7 @@ class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
         def announce(serving) -> None:
             readiness.write(self.settings.run_dir, "worker", index, device=options.device,
                             model_version=serving.version, runtime=serving.runtime.name,
-                            runtime_reason=serving.reason)
+                            runtime_reason=serving.reason, canary_version=self.slot.canary_version)
 
         from model.registry import Registry
 
@@ -69,13 +75,22 @@ class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
         announce(self.slot.serving)
         self.slot.start_watching()
 
-    def decode_request(self, request: WorkItem) -> np.ndarray:
+    def decode_request(self, request: WorkItem) -> Pinned:
         metrics.queue_wait.observe(max(0.0, time.monotonic() - request.enqueued_at))
-        return np.frombuffer(request.pixels, dtype=np.uint8).reshape(request.count, 28, 28)
+        return Pinned(np.frombuffer(request.pixels, dtype=np.uint8).reshape(request.count, 28, 28), request.pin)
 
-    def predict_batch(self, items: list[np.ndarray]) -> list[ItemResult]:
+    def predict_batch(self, items: list[Pinned]) -> list[ItemResult]:
+        """Items pinned to different versions run apart; the canary split is drawn per batch."""
+        pins = {item.pin for item in items}
+        if len(pins) > 1:
+            results: dict[int, ItemResult] = {}
+            for pin in pins:
+                group = [index for index, item in enumerate(items) if item.pin == pin]
+                results.update(zip(group, self.predict_batch([items[index] for index in group]), strict=True))
+            return [results[index] for index in range(len(items))]
         try:
-            probabilities, serving = self.slot.predict(np.concatenate(items))
+            probabilities, serving = self.slot.predict(np.concatenate([item.pixels for item in items]),
+                                                       items[0].pin or None)
         except Exception as exc:
             if len(items) > 1:  # find the item(s) that fail: each alone
                 log.warning("a batch of %d requests failed; retrying each alone", len(items))
@@ -83,4 +98,4 @@ class PredictAPI(adapter.BatchedAPI[np.ndarray, ItemResult]):
             log.exception("inference failed on one request")
             return [ItemResult(None, "", "", f"inference failed: {type(exc).__name__}: {exc}")]
         return [ItemResult(p, serving.version, serving.runtime.name)
-                for p in np.split(probabilities, np.cumsum([len(item) for item in items])[:-1])]
+                for p in np.split(probabilities, np.cumsum([len(item.pixels) for item in items])[:-1])]

@@ -162,8 +162,8 @@ class TappedPredictor:
     def model_version(self) -> str:
         return self.inner.model_version
 
-    async def predict(self, pixels: np.ndarray) -> Prediction:
-        prediction = await self.inner.predict(pixels)
+    async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
+        prediction = await self.inner.predict(pixels, pin)
         self.tap.observe(pixels, prediction.probabilities, prediction.model_version, ORIGINAL.get())
         return prediction
 

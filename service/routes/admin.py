@@ -244,6 +244,12 @@ async def activate(version: Version, request: Request, registry: RegistryDep,
         await asyncio.to_thread(registry.activate, version)
     except RegistryError as exc:
         raise ClientError(404, "unknown_version", str(exc)) from None
+    return await converged_on(request, version, previous, settings)
+
+
+async def converged_on(request: Request, version: str, previous: str | None, settings: Settings) -> JSONResponse:
+    """The answer to an activation: 200 once every model holder of this server serves ``version``,
+    202 naming those behind after DIGITS_ACTIVATE_WAIT_SECONDS."""
     started = time.monotonic()
     deadline = started + settings.activate_wait_seconds
     while (behind := readiness.behind(readiness.report(request.app), version)) and time.monotonic() < deadline:

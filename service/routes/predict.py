@@ -18,11 +18,13 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from model.preprocess import encode_png
+from model.registry import open_registry
 from service.http.bodies import decode_base64, is_json, kind_of, multipart_field, parse_json, receive_body, unsupported
 from service.http.errors import ClientError, echo, json_error
 from service.http.inputs import digit_from_bytes_async
 from service.http.middleware import header
 from service.inference.predictor import predictor_of
+from service.loop.canary import PIN_HEADER, check_pin
 from service.loop.capture import ORIGINAL
 from service.routes.schemas import ErrorBody, PredictJSON, PredictResponse
 from service.settings import settings_of
@@ -79,8 +81,9 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await receive_body(receive))
             pixels = await digit_from_bytes_async(data, settings_of(self.app).max_pixels)
+            pin = check_pin(open_registry(settings_of(self.app).registry), header(scope, PIN_HEADER.encode()))
             ORIGINAL.set(data)  # for the capture tap, which keeps it only with DIGITS_REVIEW_KEEP_ORIGINAL
-            prediction = await predictor_of(self.app).predict(pixels[None])
+            prediction = await predictor_of(self.app).predict(pixels[None], pin)
             status = 200
             body = answer(prediction.probabilities[0], prediction.model_version, prediction.runtime, request_id,
                           pixels if explain else None)
@@ -116,7 +119,10 @@ def document(app: FastAPI) -> None:
             "description": "Send an image (PNG, JPEG, BMP, GIF, WebP, TIFF; photo, scan, canvas drawing or MNIST "
                            "sample) as multipart field `file`, or as JSON `{\"image\": \"<base64 or data URL>\"}`.",
             "parameters": [{"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
-                            "description": "add `input_png`: the 28x28 digit the model was given"}],
+                            "description": "add `input_png`: the 28x28 digit the model was given"},
+                           {"name": "X-Model-Version", "in": "header", "required": False,
+                            "schema": {"type": "string"}, "description": "pin the active or the canary "
+                            "version (debugging); without it a canary serves its share of requests"}],
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                     "file": {"type": "string", "format": "binary"}}}},
@@ -125,8 +131,10 @@ def document(app: FastAPI) -> None:
                 "200": {"description": "the digit", **ref("PredictResponse")},
                 "413": {"description": "body or image dimensions over the limit", **ref("ErrorBody")},
                 "415": {"description": "not a supported image or content type", **ref("ErrorBody")},
-                "422": {"description": "corrupt image, no ink, bad JSON or base64", **ref("ErrorBody")},
-                "503": {"description": "the model is not ready, or its worker died: retry", **ref("ErrorBody")},
+                "422": {"description": "corrupt image, no ink, bad JSON or base64; a pinned version that is not "
+                                       "served", **ref("ErrorBody")},
+                "503": {"description": "the model is not ready, or its worker died, or the pinned version is not "
+                                       "loaded yet: retry", **ref("ErrorBody")},
             },
         }}
         return schema

@@ -92,6 +92,8 @@ class JobRecord(BaseModel):
     progress: dict = Field(default_factory=dict, description="epoch, epochs, loss")
     metrics_before: dict = Field(default_factory=dict)
     metrics_after: dict = Field(default_factory=dict)
+    shadow: dict | None = Field(None, description="shadow evaluation beside the live model: traffic and reviewed "
+                                                  "counts, agreement, confidence shift, accuracies, p-value, decision")
     message: str = ""
 
 

@@ -107,10 +107,15 @@ def served_version(predictor: Predictor, registry_root: Path, model_name: str, v
 
 
 def check_version(version: str, served: str, registry_root: Path) -> None:
-    """No version or the served one passes; another version in the registry is 400 (not served); any other 404."""
+    """No version, the served one or a canary's passes; another version in the registry is 400
+    (not served); any other 404."""
     if not version or version == served:
         return
-    if Registry(registry_root).exists(version):
+    registry = Registry(registry_root)
+    canary = registry.canary()
+    if canary is not None and version == canary.version:
+        return
+    if registry.exists(version):
         raise bad_request(f"version {echo(version)} of model '{MODEL_NAME}' is not served; the served version is "
                           f"'{served}' (activate another with POST /admin/models/{{version}}/activate)")
     raise ProtocolError(404, f"model '{MODEL_NAME}' has no version {echo(version)}; the served version is '{served}'")
@@ -174,10 +179,11 @@ def pixels_from_array(values: np.ndarray, batch: int) -> np.ndarray:
     return values.reshape(batch, SIDE, SIDE)
 
 
-async def predict(predictor: Predictor, pixels: np.ndarray) -> Prediction:
-    """The predictor's answer; an HTTP error it raises (e.g. 503 while unavailable) keeps its status."""
+async def predict(predictor: Predictor, pixels: np.ndarray, version: str = "") -> Prediction:
+    """The predictor's answer (by the requested ``version``, checked by ``served_version``, if
+    any); an HTTP error it raises (e.g. 503 while unavailable) keeps its status."""
     try:
-        return await predictor.predict(pixels)
+        return await predictor.predict(pixels, version or None)
     except HTTPException as exc:
         raise ProtocolError(exc.status_code, str(exc.detail)) from None
 

@@ -146,7 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         outputs = digits.check_outputs([o.name for o in request.outputs] or None)
         pixels = await input_pixels(request, spec, batch, self.settings.max_pixels)
-        prediction = await digits.predict(self.predictor, pixels)
+        prediction = await digits.predict(self.predictor, pixels, request.model_version)
         response = pb.ModelInferResponse(
             model_name=digits.MODEL_NAME, model_version=prediction.model_version, id=request.id,
         )

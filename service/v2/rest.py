@@ -228,7 +228,7 @@ async def answer(request: Request, body: bytes) -> Response:
     outputs = digits.check_outputs(None if payload.outputs is None else [o.name for o in payload.outputs])
     binary_flags = binary_outputs(payload, outputs)
     pixels = await input_pixels(payload.inputs[0], spec, batch, binary, settings)
-    prediction = await digits.predict(predictor_of(request.app), pixels)
+    prediction = await digits.predict(predictor_of(request.app), pixels, request.path_params.get("version", ""))
     tensors_out, blobs = [], []
     for (out, array), as_binary in zip(digits.output_arrays(prediction.probabilities, outputs), binary_flags,
                                        strict=True):
