@@ -1,0 +1,53 @@
+"""Large batches on idle cores (service/inference/cores.py): split over threads when the other
+API servers are idle, never when they compute, and the answers those of the single-thread path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from model.onnx_serving import ensure_onnx
+from service.inference.cores import LINGER_SECONDS, CoreShare
+from service.inference.runtimes import OnnxRuntime
+
+
+def onnx_runtime(registry, data_dir, cores: CoreShare | None = None) -> OnnxRuntime:
+    path = ensure_onnx(registry, "v0001", data_dir)
+    return OnnxRuntime(path, "v0001", registry.get("v0001").arch, threads=1, cores=cores)
+
+
+def test_a_large_batch_runs_on_two_threads_with_the_single_thread_answers(registry_copy, data_dir,
+                                                                           mnist_test, tmp_path) -> None:
+    pixels = mnist_test[0][:64].numpy()
+    share = CoreShare(tmp_path, 0, split_min=16, cores=2)
+    split = onnx_runtime(registry_copy, data_dir, share)
+    single = onnx_runtime(registry_copy, data_dir)
+    threads: list[tuple[int, int]] = []
+
+    def recording(part: np.ndarray) -> np.ndarray:
+        threads.append((threading.get_ident(), len(part)))
+        return split.run(part)
+
+    assert share.parts_for(64) == 2
+    got = share.compute(pixels, recording)
+    assert len({ident for ident, _ in threads}) == 2 and sorted(n for _, n in threads) == [32, 32]
+    assert np.array_equal(got, single.probabilities(pixels))  # exactly: each image is computed alone either way
+    assert np.array_equal(split.probabilities(pixels), single.probabilities(pixels))
+    assert np.array_equal(split.probabilities(pixels[:5]), single.probabilities(pixels[:5]))
+
+
+def test_no_split_while_another_api_server_computes_or_for_small_batches(tmp_path) -> None:
+    mine, other = CoreShare(tmp_path, 0, split_min=16, cores=2), CoreShare(tmp_path, 1, split_min=16, cores=2)
+    assert mine.parts_for(64) == 2 and mine.parts_for(15) == 1 and mine.parts_for(16) == 2
+    seen_while_other_computes = []
+    before = time.monotonic()  # the other's slot says busy until after its end + LINGER_SECONDS > before
+    other.compute(np.zeros((4, 28, 28), np.uint8),
+                  lambda part: seen_while_other_computes.append(mine.parts_for(64)) or np.zeros((len(part), 10)))
+    assert seen_while_other_computes == [1]
+    assert mine.parts_for(64, now=before) == 1  # busy for LINGER_SECONDS after its computation
+    assert mine.parts_for(64, now=time.monotonic() + LINGER_SECONDS + 0.01) == 2
+    assert CoreShare(tmp_path, 2, split_min=16, cores=4).parts_for(64, now=before) == 3  # 4 cores, 1 other busy: 2 idle
+    assert CoreShare(tmp_path, 3, split_min=16, cores=1).parts_for(64) == 1
+    assert CoreShare(tmp_path, 4, split_min=0, cores=2).parts_for(64) == 1  # DIGITS_SPLIT_BATCH=0: never
