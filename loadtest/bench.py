@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import requests
+
 import loadtest.hey
 from devtools.serverctl import ROOT, peer, private_registry, service
 from loadtest import v2_bench
@@ -65,6 +67,19 @@ def multipart_body(path: Path, data_dir: Path) -> Path:
             "Content-Type: image/png\r\n\r\n").encode()
     path.write_bytes(head + encode_png(image) + f"\r\n--{BOUNDARY}--\r\n".encode())
     return path
+
+
+def check_answers(servers: dict[str, str], body: Path, data_dir: Path) -> None:
+    """Every server but the floor (a constant) answers the benchmark's body with 200 and its right digit."""
+    label = int(read_idx(raw_dir(data_dir) / IDX_FILES["test_labels"])[0])
+    for name, url in servers.items():
+        if name == "floor":
+            continue
+        answer = requests.post(url, data=body.read_bytes(), timeout=30,
+                               headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        if answer.status_code != 200 or answer.json().get("digit") != label:
+            raise RuntimeError(f"{name} answered {answer.status_code} {answer.text[:200]} (expected digit {label})")
+        print(f"  {name}: 200 and digit {label}, right", flush=True)
 
 
 def hey(url: str, body: Path, concurrency: int, seconds: float) -> tuple[float, float, float, int, int]:
@@ -169,6 +184,7 @@ def main() -> int:
                                                    registry=str(registry.root), **MODES[mode]))
             servers["service" if mode == "default" else f"service ({mode})"] = f"{server.url}/predict"
             default = server if mode == "default" else default
+        check_answers(servers, body, args.data_dir)
         results = run_levels(servers, body, args.seconds, args.repeat)
         print_table(results)
         if default is not None and args.v2_seconds:

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 
 import loadtest.hey
@@ -57,6 +58,7 @@ BATCH = 64
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 INFER_PATH = "/v2/models/digits/infer"
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+NO_SPLIT = "service, no split"  # DIGITS_SPLIT_BATCH=0: one core per request, as before issue 22
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Row:
     p50_ms: float
     p99_ms: float
     failed: int
+    server_cores: float = float("nan")  # the server's CPU seconds per second of the run
     client_cpu_us: float | None = None  # per request, the gRPC client's own CPU (hey's is not counted)
 
 
@@ -79,6 +82,18 @@ class Target:
     name: str
     http: str  # base URL
     grpc: str  # host:port
+    server: ServerProcess | None = None  # whose processes' CPU is counted
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server's processes so far (its main process and every child)."""
+        if self.server is None:
+            return float("nan")
+        total = 0.0
+        for process in [psutil.Process(self.server.process.pid), *self.server.descendants()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
 
 # ------------------------------------------------------------------ request bodies
@@ -164,9 +179,11 @@ def check_answers(target: Target, pixels: np.ndarray, expected: np.ndarray, bina
 
 def hey_row(case: str, target: Target, body: Path, content_type: str, images: int, connections: int,
             seconds: float, headers: dict[str, str] | None = None) -> Row:
+    cpu_before, started = target.cpu_seconds(), time.monotonic()
     run = loadtest.hey.post(target.http + INFER_PATH, body, content_type, connections, seconds, headers)
+    cores = (target.cpu_seconds() - cpu_before) / (time.monotonic() - started)
     return Row(case, target.name, connections, connections, images, run.rps, run.rps * images, run.p50_ms,
-               run.p99_ms, run.failed)
+               run.p99_ms, run.failed, cores)
 
 
 async def grpc_load(address: str, request: bytes, expected: np.ndarray, channels: int, in_flight: int,
@@ -214,12 +231,14 @@ def cpu_seconds() -> float:
 
 def grpc_row(case: str, target: Target, request: bytes, expected: np.ndarray, channels: int, in_flight: int,
              seconds: float) -> Row:
+    server_before, started = target.cpu_seconds(), time.monotonic()
     answers, failed, latencies, elapsed, cpu = asyncio.run(
         grpc_load(target.grpc, request, expected, channels, in_flight, seconds))
+    cores = (target.cpu_seconds() - server_before) / (time.monotonic() - started)
     ms = sorted(x * 1e3 for x in latencies) or [float("nan")]
     rps = answers / elapsed
     return Row(case, target.name, channels, in_flight, len(expected), rps, rps * len(expected),
-               statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))], failed,
+               statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))], failed, cores,
                cpu / max(1, answers) * 1e6)
 
 
@@ -319,7 +338,7 @@ def measure(targets: list[Target], model_path: Path, data_dir: Path, work_dir: P
     session = ort_session(model_path, threads=1)
     expected = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0].argmax(1)
     for target in targets:
-        check_answers(target, pixels, expected, binary=target.name == "service")
+        check_answers(target, pixels, expected, binary=target.name.startswith("service"))
     json_1, json_64 = work_dir / "v2-json-1.json", work_dir / "v2-json-64.json"
     json_1.write_bytes(json_body(pixels[:1]))
     json_64.write_bytes(json_body(pixels))
@@ -328,18 +347,19 @@ def measure(targets: list[Target], model_path: Path, data_dir: Path, work_dir: P
     binary_64.write_bytes(body)
     binary_headers = {"Inference-Header-Content-Length": str(header_length)}
     request = grpc_request(pixels)
-    service_target = next(t for t in targets if t.name == "service")
+    services = [t for t in targets if t.name.startswith("service")]
 
     levels = []  # (label, [one run per target: a function returning a Row])
+    peers = [t for t in targets if t.name != NO_SPLIT]
     for connections in (1, 16):
         levels.append([lambda t=t, c=connections: hey_row("JSON, 1 image", t, json_1, "application/json", 1, c,
-                                                          seconds) for t in targets])
+                                                          seconds) for t in peers])
         levels.append([lambda t=t, c=connections: hey_row("JSON, 64 images", t, json_64, "application/json",
-                                                          BATCH, c, seconds) for t in targets])
+                                                          BATCH, c, seconds) for t in peers])
     for connections in (1, 4, 16, 64):
-        levels.append([lambda c=connections: hey_row("binary, 64 images", service_target, binary_64,
-                                                     "application/octet-stream", BATCH, c, seconds,
-                                                     binary_headers)])
+        levels.append([lambda t=t, c=connections: hey_row("binary, 64 images", t, binary_64,
+                                                          "application/octet-stream", BATCH, c, seconds,
+                                                          binary_headers) for t in services])
     for channels in (16, 1):
         levels.append([lambda t=t, ch=channels: grpc_row("gRPC, 64 images", t, request, expected, ch, 16, seconds)
                        for t in targets])
@@ -366,28 +386,28 @@ def measure(targets: list[Target], model_path: Path, data_dir: Path, work_dir: P
 
 
 def print_row(row: Row) -> None:
-    cpu = f"  client CPU {row.client_cpu_us:.0f} us/req" if row.client_cpu_us is not None else ""
+    cpu = f"  server {row.server_cores:.2f} cores"
+    cpu += f"  client CPU {row.client_cpu_us:.0f} us/req" if row.client_cpu_us is not None else ""
     print(f"  {row.case:<18} {row.server:<28} conn {row.connections:<3} in flight {row.in_flight:<3} "
           f"{row.rps:8.0f} req/s {row.images_per_s:8.0f} images/s  p50 {row.p50_ms:6.1f} ms  p99 {row.p99_ms:6.1f} ms"
           f"  failed {row.failed}{cpu}", flush=True)
 
 
 def find(rows: list[Row], case: str, server: str, connections: int) -> Row | None:
-    return next((r for r in rows if r.case == case and r.server.startswith(server) and r.connections == connections),
-                None)
+    return next((r for r in rows if r.case == case and r.server == server and r.connections == connections), None)
 
 
 def print_summary(rows: list[Row]) -> None:
-    bound = find(rows, "bound", "ONNX Runtime alone, 2", 2)
+    bound = find(rows, "bound", "ONNX Runtime alone, 2 cores", 2)
     print(f"\n{'case':<20}{'server':<30}{'conn':>5}{'in flight':>10}{'req/s':>9}{'images/s':>10}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'÷ bound':>8}{'÷ MLServer':>11}{'failed':>7}{'client us/req':>14}")
+          f"{'p99 ms':>8}{'÷ bound':>8}{'÷ MLServer':>11}{'cores':>6}{'failed':>7}{'client us/req':>14}")
     for r in rows:
-        peer = find(rows, r.case, "MLServer", r.connections) if r.server == "service" else None
+        peer = find(rows, r.case, "MLServer 1.7.1", r.connections) if r.server == "service" else None
         ratio = f"{r.images_per_s / peer.images_per_s:.2f}" if peer else ""
         cpu = f"{r.client_cpu_us:.0f}" if r.client_cpu_us is not None else ""
         print(f"{r.case:<20}{r.server:<30}{r.connections:>5}{r.in_flight:>10}{r.rps:>9.0f}{r.images_per_s:>10.0f}"
               f"{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}{r.images_per_s / bound.images_per_s:>8.2f}{ratio:>11}"
-              f"{r.failed:>7}{cpu:>14}")
+              f"{r.server_cores:>6.2f}{r.failed:>7}{cpu:>14}")
     checks = []
     for connections in (1, 16):
         row = find(rows, "binary, 64 images", "service", connections)
@@ -410,18 +430,19 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bound = find(rows, "bound", "ONNX Runtime alone, 2", 2)
+    bound = find(rows, "bound", "ONNX Runtime alone, 2 cores", 2)
     shown = [r for r in rows if r.case != "bound"]
     labels = [f"{r.case}\n{r.server}, {r.connections} {'ch' if r.case.startswith('gRPC') else 'conn'}"
               for r in shown]
-    colours = ["tab:blue" if r.server == "service" else "tab:orange" for r in shown]
+    colours = [{"service": "tab:blue", NO_SPLIT: "tab:grey"}.get(r.server, "tab:orange") for r in shown]
     fig, ax = plt.subplots(figsize=(12, 6))
     ax.barh(range(len(shown)), [r.images_per_s for r in shown], color=colours)
     ax.axvline(bound.images_per_s, color="black", linestyle="--", label="bound: ONNX Runtime alone, 2 cores")
     ax.axvline(0.7 * bound.images_per_s, color="grey", linestyle=":", label="70 % of the bound")
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="images / s", title="Open Inference Protocol: service (blue) vs MLServer 1.7.1 (orange)")
+    ax.set(xlabel="images / s",
+           title="Open Inference Protocol: service (blue; grey: without splitting) vs MLServer 1.7.1 (orange)")
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -431,15 +452,20 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def section(service_server: ServerProcess, model_path: Path, data_dir: Path, reports: Path, seconds: float,
             repeat: int, mlserver_executable: Path = MLSERVER) -> list[Row]:
-    """The V2 section against a service that is already up; MLServer is started here (skipped,
-    saying so, when its venv is missing)."""
+    """The V2 section against a service that is already up (default settings, the trainer off).
+    Started here: the same service with DIGITS_SPLIT_BATCH=0 (a large batch on one core, as before
+    issue 22), and MLServer (skipped, saying so, when its venv is missing)."""
     with contextlib.ExitStack() as stack:
-        targets = [Target("service", service_server.url, service_server.grpc_address)]
+        print("  starting the service with DIGITS_SPLIT_BATCH=0 ...", flush=True)
+        no_split = stack.enter_context(service(free_port(), reports, trainer_enabled="false", split_batch=0,
+                                               registry=str(service_server.registry)))
+        targets = [Target("service", service_server.url, service_server.grpc_address, service_server),
+                   Target(NO_SPLIT, no_split.url, no_split.grpc_address, no_split)]
         if mlserver_executable.exists():
             print("  starting MLServer 1.7.1 (custom ONNX Runtime runtime, adaptive batching 64 / 2 ms, "
                   "parallel_workers 0) ...", flush=True)
             peer = stack.enter_context(mlserver(model_path, reports, mlserver_executable))
-            targets.append(Target("MLServer 1.7.1", peer.url, peer.grpc_address))
+            targets.append(Target("MLServer 1.7.1", peer.url, peer.grpc_address, peer))
         else:
             print(f"  {mlserver_executable} is missing: no MLServer rows (`make bench` makes its venv)", flush=True)
         rows = measure(targets, model_path, data_dir, reports, seconds, repeat)
