@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from model.onnx_serving import ensure_onnx
 from service.inference.cores import LINGER_SECONDS, CoreShare
@@ -25,14 +26,18 @@ def test_a_large_batch_runs_on_two_threads_with_the_single_thread_answers(regist
     split = onnx_runtime(registry_copy, data_dir, share)
     single = onnx_runtime(registry_copy, data_dir)
     threads: list[tuple[int, int]] = []
+    both_in = threading.Barrier(2, timeout=30)  # each thread's first chunk waits for the other: both take part
 
     def recording(part: np.ndarray) -> np.ndarray:
+        first = threading.get_ident() not in {ident for ident, _ in threads}
         threads.append((threading.get_ident(), len(part)))
+        if first:
+            both_in.wait()
         return split.run(part)
 
     assert share.parts_for(64) == 2
     got = share.compute(pixels, recording)
-    assert len({ident for ident, _ in threads}) == 2 and sorted(n for _, n in threads) == [32, 32]
+    assert len({ident for ident, _ in threads}) == 2 and [n for _, n in threads] == [8] * 8
     assert np.array_equal(got, single.probabilities(pixels))  # exactly: each image is computed alone either way
     assert np.array_equal(split.probabilities(pixels), single.probabilities(pixels))
     assert np.array_equal(split.probabilities(pixels[:5]), single.probabilities(pixels[:5]))
@@ -51,3 +56,13 @@ def test_no_split_while_another_api_server_computes_or_for_small_batches(tmp_pat
     assert CoreShare(tmp_path, 2, split_min=16, cores=4).parts_for(64, now=before) == 3  # 4 cores, 1 other busy: 2 idle
     assert CoreShare(tmp_path, 3, split_min=16, cores=1).parts_for(64) == 1
     assert CoreShare(tmp_path, 4, split_min=0, cores=2).parts_for(64) == 1  # DIGITS_SPLIT_BATCH=0: never
+
+
+def test_a_failing_chunk_fails_the_batch(tmp_path) -> None:
+    share = CoreShare(tmp_path, 0, split_min=16, cores=2)
+
+    def failing(part: np.ndarray) -> np.ndarray:
+        raise ValueError("bad chunk")
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        share.compute(np.zeros((64, 28, 28), np.uint8), failing)

@@ -7,7 +7,9 @@ therefore keeps one core busy however large its batches are (measured: 64-image 
 connection made 41 % of the 2-core bound; docs/benchmarks.md). Splitting a large batch into parts
 computed at once, each by the same one-thread session on its own thread (``Session.run`` releases
 the GIL and is thread-safe), uses the idle cores without a second session, and gives the answers
-of the single-thread path exactly (each image is computed alone either way).
+of the single-thread path exactly (each image is computed alone either way). The parts are small
+chunks taken in turn, so a helper thread that other jobs keep off the cores costs little: the
+calling thread computes what no helper has taken.
 
 To keep away from oversubscription (two API servers each running two threads on two cores) the
 API servers publish when they compute on a board: one 8-byte slot per API server in a file in
@@ -19,9 +21,11 @@ a busy one takes; under load on every server that is 1, today's path.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +40,7 @@ SLOT = struct.Struct("<d")
 LINGER_SECONDS = 0.02  # a server counts as busy this long after its last computation
 COMPUTE_HOLD_SECONDS = 1.0  # while computing; a server that died mid-batch stops counting after this
 BOARD_FILE = "cores.board"
+CHUNKS_PER_PART = 4  # a split batch is cut into this many chunks per thread, taken in turn
 
 
 def available_cores() -> int:
@@ -83,17 +88,42 @@ class CoreShare:
         parts = self.parts_for(len(pixels), now)
         self._mark(now + COMPUTE_HOLD_SECONDS)
         try:
-            if parts == 1:
-                result = run(pixels)
-            else:
-                chunks = np.array_split(pixels, parts)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.cores - 1, thread_name_prefix="digits-split")
-                helpers = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
-                first = run(chunks[0])
-                result = np.concatenate([first, *(helper.result() for helper in helpers)])
+            result = run(pixels) if parts == 1 else self._spread(pixels, run, parts)
         finally:
             self._mark(time.monotonic() + LINGER_SECONDS)
         if len(pixels) >= self.split_min > 0:
             metrics.split_batches.labels(str(parts)).inc()
         return result
+
+    def _spread(self, pixels: np.ndarray, run: Callable[[np.ndarray], np.ndarray], parts: int) -> np.ndarray:
+        """``run`` over chunks that this thread and ``parts - 1`` helpers take in turn, so a helper
+        that the machine does not schedule soon (other jobs on the cores) costs nothing: this thread
+        takes every chunk it has not started. Waits only for chunks a helper has taken."""
+        size = max(1, self.split_min // 2, -(-len(pixels) // (parts * CHUNKS_PER_PART)))
+        chunks = [pixels[start:start + size] for start in range(0, len(pixels), size)]
+        results: list[np.ndarray | BaseException | None] = [None] * len(chunks)
+        claim = itertools.count()  # next() is atomic: each chunk is taken once
+        remaining = [len(chunks)]
+        lock, finished = threading.Lock(), threading.Event()
+
+        def work() -> None:
+            while (index := next(claim)) < len(chunks):
+                try:
+                    results[index] = run(chunks[index])
+                except BaseException as exc:  # re-raised below, in the caller's thread
+                    results[index] = exc
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        finished.set()
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cores - 1, thread_name_prefix="digits-split")
+        for _ in range(parts - 1):
+            self._pool.submit(work)
+        work()
+        finished.wait()
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return np.concatenate(results)
