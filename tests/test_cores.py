@@ -37,7 +37,7 @@ def test_a_large_batch_runs_on_two_threads_with_the_single_thread_answers(regist
 
     assert share.parts_for(64) == 2
     got = share.compute(pixels, recording)
-    assert len({ident for ident, _ in threads}) == 2 and [n for _, n in threads] == [8] * 8
+    assert len({ident for ident, _ in threads}) == 2 and {n for _, n in threads} == {8}
     assert np.array_equal(got, single.probabilities(pixels))  # exactly: each image is computed alone either way
     assert np.array_equal(split.probabilities(pixels), single.probabilities(pixels))
     assert np.array_equal(split.probabilities(pixels[:5]), single.probabilities(pixels[:5]))
@@ -58,7 +58,7 @@ def test_no_split_while_another_api_server_computes_or_for_small_batches(tmp_pat
     assert CoreShare(tmp_path, 4, split_min=0, cores=2).parts_for(64) == 1  # DIGITS_SPLIT_BATCH=0: never
 
 
-def test_a_failing_chunk_fails_the_batch(tmp_path) -> None:
+def test_a_failing_chunk_fails_the_batch_and_a_stalled_helper_does_not_hold_it(tmp_path) -> None:
     share = CoreShare(tmp_path, 0, split_min=16, cores=2)
 
     def failing(part: np.ndarray) -> np.ndarray:
@@ -66,3 +66,19 @@ def test_a_failing_chunk_fails_the_batch(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="bad chunk"):
         share.compute(np.zeros((64, 28, 28), np.uint8), failing)
+
+    caller, release, helper_done = threading.get_ident(), threading.Event(), threading.Event()
+
+    def helper_stalls(part: np.ndarray) -> np.ndarray:
+        if threading.get_ident() != caller:
+            release.wait(30)  # a helper the machine does not run: the caller must not wait for it
+            helper_done.set()
+        return np.full((len(part), 10), part[:, 0, 0, None], dtype=np.float32)
+
+    pixels = np.arange(64, dtype=np.uint8)[:, None, None] * np.ones((64, 28, 28), np.uint8)
+    try:
+        got = share.compute(pixels, helper_stalls)
+        assert not helper_done.is_set()  # answered while the helper still held its chunk
+    finally:
+        release.set()
+    assert np.array_equal(got[:, 0], np.arange(64))  # every chunk, in order

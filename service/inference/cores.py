@@ -8,8 +8,8 @@ connection made 41 % of the 2-core bound; docs/benchmarks.md). Splitting a large
 computed at once, each by the same one-thread session on its own thread (``Session.run`` releases
 the GIL and is thread-safe), uses the idle cores without a second session, and gives the answers
 of the single-thread path exactly (each image is computed alone either way). The parts are small
-chunks taken in turn, so a helper thread that other jobs keep off the cores costs little: the
-calling thread computes what no helper has taken.
+chunks taken in turn, and the calling thread never waits for a helper: a helper that other jobs
+keep off the cores (a shared machine) costs one chunk computed twice, not a batch held back.
 
 To keep away from oversubscription (two API servers each running two threads on two cores) the
 API servers publish when they compute on a board: one 8-byte slot per API server in a file in
@@ -25,7 +25,6 @@ import itertools
 import mmap
 import os
 import struct
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,34 +95,28 @@ class CoreShare:
         return result
 
     def _spread(self, pixels: np.ndarray, run: Callable[[np.ndarray], np.ndarray], parts: int) -> np.ndarray:
-        """``run`` over chunks that this thread and ``parts - 1`` helpers take in turn, so a helper
-        that the machine does not schedule soon (other jobs on the cores) costs nothing: this thread
-        takes every chunk it has not started. Waits only for chunks a helper has taken."""
+        """``run`` over chunks that this thread and ``parts - 1`` helpers take in turn. This thread
+        never waits for a helper: what no helper has finished when it runs out of chunks (a helper
+        that other jobs keep off the cores) it computes itself, so a busy machine costs at most one
+        chunk computed twice, never a batch held behind a thread that is not running."""
         size = max(1, self.split_min // 2, -(-len(pixels) // (parts * CHUNKS_PER_PART)))
         chunks = [pixels[start:start + size] for start in range(0, len(pixels), size)]
-        results: list[np.ndarray | BaseException | None] = [None] * len(chunks)
+        results: list[np.ndarray | None] = [None] * len(chunks)
         claim = itertools.count()  # next() is atomic: each chunk is taken once
-        remaining = [len(chunks)]
-        lock, finished = threading.Lock(), threading.Event()
 
-        def work() -> None:
+        def work(helper: bool) -> None:
             while (index := next(claim)) < len(chunks):
                 try:
                     results[index] = run(chunks[index])
-                except BaseException as exc:  # re-raised below, in the caller's thread
-                    results[index] = exc
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        finished.set()
+                except Exception:
+                    if not helper:
+                        raise
+                    # the caller computes this chunk again below, and raises there if it fails again
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cores - 1, thread_name_prefix="digits-split")
         for _ in range(parts - 1):
-            self._pool.submit(work)
-        work()
-        finished.wait()
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
-            raise failure
-        return np.concatenate(results)
+            self._pool.submit(work, True)
+        work(False)
+        return np.concatenate([chunk if (chunk := results[i]) is not None else run(chunks[i])
+                               for i in range(len(chunks))])
