@@ -86,7 +86,15 @@ lint: install
 loadtest: train
 	$(PY) -m loadtest.run_locust
 
-bench: train
+# MLServer (the V2 section's peer) in a venv of its own: it pins fastapi and starlette below the service's pins.
+MLSERVER_VENV := .venv-mlserver
+$(MLSERVER_VENV)/.installed-stamp: loadtest/mlserver-requirements.txt
+	@echo "==> creating $(MLSERVER_VENV) with MLServer 1.7.1 for the V2 section of make bench"
+	@test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --disable-pip-version-check -q -r loadtest/mlserver-requirements.txt
+	@touch $@
+
+bench: train $(MLSERVER_VENV)/.installed-stamp
 	@command -v hey >/dev/null || (echo "==> installing the load generator hey" && apt-get install -y hey)
 	$(PY) -m loadtest.bench
 

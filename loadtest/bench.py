@@ -7,8 +7,9 @@ levels, best of ``--repeat`` runs per level:
   (no FastAPI server doing real work can beat it);
 * peer: FastAPI + ONNX Runtime (same model.onnx, one thread per process), the preprocessing
   as it was before the serving-path work, 2 uvicorn workers (loadtest/peer_server.py);
-* service: ``python -m service`` with default settings (and ``--modes`` for others), plus
-  the Open Inference Protocol rows (HTTP binary and gRPC, 1 and 64 images per request).
+* service: ``python -m service`` with default settings (and ``--modes`` for others), then
+  the V2 section (``loadtest/v2_bench.py``): the Open Inference Protocol against MLServer 1.7.1
+  and the compute bound.
 
 All servers run at once (idle ones cost nothing) and the runs are interleaved, level by level,
 so a machine that slows down for a while (a shared VM does) slows every server alike.
@@ -24,18 +25,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import requests
+
+import loadtest.hey
 from devtools.serverctl import ROOT, peer, private_registry, service
-from loadtest.v2_bench import print_rows as print_v2_rows
-from loadtest.v2_bench import v2_rows
+from loadtest import v2_bench
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png
 from model.registry import Registry
@@ -68,22 +69,22 @@ def multipart_body(path: Path, data_dir: Path) -> Path:
     return path
 
 
+def check_answers(servers: dict[str, str], body: Path, data_dir: Path) -> None:
+    """Every server but the floor (a constant) answers the benchmark's body with 200 and its right digit."""
+    label = int(read_idx(raw_dir(data_dir) / IDX_FILES["test_labels"])[0])
+    for name, url in servers.items():
+        if name == "floor":
+            continue
+        answer = requests.post(url, data=body.read_bytes(), timeout=30,
+                               headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        if answer.status_code != 200 or answer.json().get("digit") != label:
+            raise RuntimeError(f"{name} answered {answer.status_code} {answer.text[:200]} (expected digit {label})")
+        print(f"  {name}: 200 and digit {label}, right", flush=True)
+
+
 def hey(url: str, body: Path, concurrency: int, seconds: float) -> tuple[float, float, float, int, int]:
-    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-t", "30",
-               "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), url]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-
-    def number(pattern: str) -> float:
-        match = re.search(pattern, out)
-        return float(match.group(1)) if match else float("nan")
-
-    statuses = {int(code): int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
-    _, _, error_section = out.partition("Error distribution:")
-    errors = sum(int(n) for n in re.findall(r"^\s*\[(\d+)\]", error_section, flags=re.MULTILINE))
-    ok = statuses.get(200, 0)
-    failed = sum(n for code, n in statuses.items() if code != 200) + errors
-    return number(r"Requests/sec:\s+([\d.]+)"), number(r"50%+ in ([\d.]+) secs") * 1e3, \
-        number(r"99%+ in ([\d.]+) secs") * 1e3, ok, failed
+    run = loadtest.hey.post(url, body, f"multipart/form-data; boundary={BOUNDARY}", concurrency, seconds)
+    return run.rps, run.p50_ms, run.p99_ms, run.ok, run.failed
 
 
 def run_levels(servers: dict[str, str], body: Path, seconds: float, repeat: int) -> list[Result]:
@@ -155,7 +156,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per run and concurrency level")
     parser.add_argument("--repeat", type=int, default=3, help="runs per level; the best counts")
     parser.add_argument("--modes", default="default", help=f"service settings to run: {','.join(MODES)}")
-    parser.add_argument("--v2-seconds", type=float, default=6.0, help="per V2 row (0: skip V2)")
+    parser.add_argument("--v2-seconds", type=float, default=5.0, help="per V2 run (0: skip the V2 section)")
+    parser.add_argument("--v2-repeat", type=int, default=2, help="V2 runs per level; the best counts")
     parser.add_argument("--registry", default="registry")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
@@ -169,7 +171,6 @@ def main() -> int:
     from model.onnx_serving import ensure_onnx
 
     model_path = ensure_onnx(registry, registry.active_version(), args.data_dir)
-    v2_results = []
 
     with contextlib.ExitStack() as running:
         print("starting the floor (FastAPI reading the multipart file, answering a constant, 2 workers), the peer "
@@ -183,15 +184,13 @@ def main() -> int:
                                                    registry=str(registry.root), **MODES[mode]))
             servers["service" if mode == "default" else f"service ({mode})"] = f"{server.url}/predict"
             default = server if mode == "default" else default
+        check_answers(servers, body, args.data_dir)
         results = run_levels(servers, body, args.seconds, args.repeat)
+        print_table(results)
         if default is not None and args.v2_seconds:
-            print("  Open Inference Protocol (V2) against /predict, 8 requests in flight:", flush=True)
-            v2_results = v2_rows(default.url, default.grpc_address, args.data_dir, seconds=args.v2_seconds)
+            print("\nOpen Inference Protocol (V2): the service against MLServer and the compute bound", flush=True)
+            v2_bench.section(default, model_path, args.data_dir, args.reports, args.v2_seconds, args.v2_repeat)
 
-    print_table(results)
-    if v2_results:
-        print()
-        print_v2_rows(v2_results)
     plot(results, args.reports / "bench.png")
     (args.reports / "bench.json").write_text(json.dumps(
         {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [asdict(r) for r in results]}, indent=2))

@@ -38,6 +38,10 @@ queue_wait = Histogram(
 inference_latency = Histogram(
     "digits_inference_seconds", "Model time per batch", ["runtime"], buckets=LATENCY_BUCKETS
 )
+split_batches = Counter(
+    "digits_split_batches", "Batches of DIGITS_SPLIT_BATCH images or more, by the threads that computed them "
+    "(1: no core was idle)", ["threads"],
+)
 model_info = Gauge(
     "digits_model_info", "1 for the model version and runtime a worker serves", ["version", "runtime"],
     multiprocess_mode="livemax",

@@ -76,7 +76,7 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
                 readiness.write(settings.run_dir, "api", index, device="cpu", problem=problem)
 
             slot = await asyncio.to_thread(
-                ModelSlot, Registry(settings.registry), "onnx", runtime_options(settings, "cpu", in_api_server=True),
+                ModelSlot, Registry(settings.registry), "onnx", runtime_options(settings, "cpu", api_server=index),
                 on_change=announce, on_problem=not_ready)
             if slot.serving is not None:
                 announce(slot.serving)

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         "inference=api; in each inference worker the CPUs this process may use minus api_servers x workers, at "
         "least 1 (measured: on 2 cores, 2 threads halve throughput)",
     )
+    split_batch: int = Field(
+        16, ge=0, le=4096,
+        description="(api) a batch of this many images or more is split over the cores the other API servers "
+        "leave idle (service/inference/cores.py); 0: never split",
+    )
     request_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
 
     # limits on what clients send

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -256,6 +258,31 @@ def test_grpc_answers_equal_predict(server, grpc_client, digits_batch, predict_a
             probabilities = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(BATCH, 10)
             digit = np.frombuffer(response.raw_output_contents[1], dtype="<i8")
             assert_same_as_predict(probabilities, digit, predict_answers)
+
+
+def split_batches(server: ServerProcess, threads: int) -> float:
+    """digits_split_batches_total{threads=...} summed over the API servers."""
+    pattern = rf'^digits_split_batches_total{{threads="{threads}"}} ([0-9.e+]+)$'
+    found = re.findall(pattern, requests.get(f"{server.url}/metrics", timeout=10).text, flags=re.MULTILINE)
+    return sum(float(value) for value in found)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to split a batch over")
+def test_a_large_batch_from_one_connection_runs_on_two_threads(server, http_client, digits_batch) -> None:
+    """The other API server idle: a 64-image batch is split over two threads (service/inference/cores.py,
+    as its metric says) and answers exactly as batches of 8, which run on one thread."""
+    _, pixels, _ = digits_batch
+    before = split_batches(server, 2)
+    whole = None
+    for _ in range(5):  # the other API server counts as busy for 20 ms after it last computed
+        whole = http_client.infer("digits", [http_pixels_input(pixels, True)]).as_numpy("probabilities")
+        if split_batches(server, 2) > before:
+            break
+        time.sleep(0.05)
+    assert split_batches(server, 2) > before
+    in_eights = [http_client.infer("digits", [http_pixels_input(pixels[i:i + 8], True)]).as_numpy("probabilities")
+                 for i in range(0, BATCH, 8)]
+    assert np.array_equal(whole, np.concatenate(in_eights))
 
 
 def test_through_the_inference_worker_too(start_server, registry_copy, digits_batch) -> None:

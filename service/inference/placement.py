@@ -2,7 +2,8 @@
 
 * ``api``: ONNX Runtime inside every API server, one thread each (CPU). On a CPU with one
   thread, a batch of 16 costs as much as 16 single images, so the hop to another process and
-  the batching window would only add latency and CPU.
+  the batching window would only add latency and CPU. A large batch is split over the cores the
+  other API servers leave idle (:mod:`service.inference.cores`).
 * ``worker``: LitServe's inference workers batch requests from all API servers (CUDA, where the
   model is cheap per image only in batches, or ``DIGITS_RUNTIME=torch`` for torch.compile).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
+from service.inference.cores import CoreShare
 from service.inference.runtimes import RuntimeOptions
 from service.settings import Settings
 
@@ -75,10 +77,16 @@ def torch_problem(settings: Settings, placement: Placement) -> str | None:
     return None
 
 
-def runtime_options(settings: Settings, device: str, in_api_server: bool = False) -> RuntimeOptions:
-    """``device`` as LitServe gave it to a worker (cuda:N), or "cpu". In an API server the model
-    gets one thread unless DIGITS_WORKER_THREADS says otherwise: every API server has its own."""
+def runtime_options(settings: Settings, device: str, api_server: int | None = None) -> RuntimeOptions:
+    """``device`` as LitServe gave it to a worker (cuda:N), or "cpu". In API server ``api_server``
+    the model gets one thread unless DIGITS_WORKER_THREADS says otherwise (every API server has its
+    own), and batches of DIGITS_SPLIT_BATCH images or more spread over the cores the others leave idle."""
     device = device if str(device).startswith("cuda") else "cpu"
-    threads = (settings.worker_threads or 1) if in_api_server else settings.inference_threads()
+    if api_server is None:
+        return RuntimeOptions(device=device, threads=settings.inference_threads(), buckets=tuple(settings.buckets()),
+                              data_dir=settings.data_dir)
+    threads = settings.worker_threads or 1
+    cores = CoreShare(settings.run_dir, api_server, settings.split_batch) if threads == 1 and settings.split_batch \
+        else None
     return RuntimeOptions(device=device, threads=threads, buckets=tuple(settings.buckets()),
-                          data_dir=settings.data_dir)
+                          data_dir=settings.data_dir, cores=cores)

@@ -19,6 +19,7 @@ import numpy as np
 
 from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ensure_onnx, ort_session
 from model.registry import Registry
+from service.inference.cores import CoreShare
 
 log = logging.getLogger("digits.runtime")
 
@@ -39,14 +40,23 @@ def is_compiled(runtime: Runtime) -> bool:
 
 
 class OnnxRuntime:
+    """``cores`` (API servers on CPU): large batches are split over the cores other API servers leave idle."""
+
     name = "onnxruntime"
 
-    def __init__(self, path: Path, version: str, arch: str, threads: int, device: str = "cpu") -> None:
+    def __init__(self, path: Path, version: str, arch: str, threads: int, device: str = "cpu",
+                 cores: CoreShare | None = None) -> None:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         self.session = ort_session(path, providers=providers, threads=threads)
-        self.version, self.arch = version, arch
+        self.version, self.arch, self.cores = version, arch, cores
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        if self.cores is None:
+            return self.run(pixels)
+        return self.cores.compute(pixels, self.run)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """The session on this thread (one intra-op thread in an API server)."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
@@ -58,6 +68,7 @@ class RuntimeOptions:
     threads: int  # intra-op threads
     buckets: tuple[int, ...]  # compiled batch sizes
     data_dir: Path | None = None  # MNIST, for the parity check of a re-export
+    cores: CoreShare | None = None  # an API server's share of idle cores, for ONNX Runtime's large batches
 
 
 def build_runtime(kind: str, registry: Registry, version: str, options: RuntimeOptions) -> Runtime:
@@ -66,7 +77,7 @@ def build_runtime(kind: str, registry: Registry, version: str, options: RuntimeO
     manifest = registry.get(version)
     if kind == "onnx":
         path = ensure_onnx(registry, version, options.data_dir)
-        return OnnxRuntime(path, version, manifest.arch, options.threads, options.device)
+        return OnnxRuntime(path, version, manifest.arch, options.threads, options.device, options.cores)
     from service.inference.torch_runtime import CompiledTorchRuntime
 
     model, _ = registry.load_model(version)

@@ -14,14 +14,13 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
-from fastapi import HTTPException
 
-from model.registry import Registry
+from model.registry import open_registry
 from service.http.errors import echo
-from service.http.inputs import ClientError, digit_from_bytes_async
+from service.http.inputs import digit_from_bytes_async
 from service.inference.predictor import Prediction, Predictor
 from service.settings import Settings
-from service.v2.errors import ProtocolError, bad_request
+from service.v2.errors import ProtocolError, as_protocol_error, bad_request
 from service.v2.schemas import ModelMetadata, ServerMetadata, TensorMetadata
 
 MODEL_NAME = "digits"
@@ -101,7 +100,7 @@ def served_version(predictor: Predictor, registry_root: Path, model_name: str, v
     """The version that answers now, after checking the model name and a requested version. A
     worker-backed predictor learns its version from its first answer; until then, ACTIVE says."""
     check_model(model_name)
-    served = predictor.model_version or Registry(registry_root).active_version() or ""
+    served = predictor.model_version or open_registry(registry_root).active_version() or ""
     check_version(version, served, registry_root)
     return served
 
@@ -111,7 +110,7 @@ def check_version(version: str, served: str, registry_root: Path) -> None:
     (not served); any other 404."""
     if not version or version == served:
         return
-    registry = Registry(registry_root)
+    registry = open_registry(registry_root)
     canary = registry.canary()
     if canary is not None and version == canary.version:
         return
@@ -164,10 +163,8 @@ async def pixels_from_images(images: list[bytes], max_pixels: int) -> np.ndarray
     """Encoded images -> uint8 [n,28,28], through the same preprocessing as /predict."""
     digits = []
     for index, data in enumerate(images):
-        try:
+        with as_protocol_error(f"input 'image' element {index}: ", status=400):
             digits.append(await digit_from_bytes_async(data, max_pixels))
-        except ClientError as exc:
-            raise bad_request(f"input 'image' element {index}: {exc.detail}") from None
     return np.stack(digits)
 
 
@@ -182,10 +179,8 @@ def pixels_from_array(values: np.ndarray, batch: int) -> np.ndarray:
 async def predict(predictor: Predictor, pixels: np.ndarray, version: str = "") -> Prediction:
     """The predictor's answer (by the requested ``version``, checked by ``served_version``, if
     any); an HTTP error it raises (e.g. 503 while unavailable) keeps its status."""
-    try:
+    with as_protocol_error():
         return await predictor.predict(pixels, version or None)
-    except HTTPException as exc:
-        raise ProtocolError(exc.status_code, str(exc.detail)) from None
 
 
 def output_arrays(probabilities: np.ndarray, outputs: list[TensorSpec]) -> list[tuple[TensorSpec, np.ndarray]]:

@@ -1,9 +1,15 @@
-"""The one error type of the V2 protocol layer: a status and a message for people.
+"""The one error type of the V2 protocol layer: a status and a message for people, and the one
+place the service's own errors (``ClientError``) become it.
 
 REST answers it as the spec's ``{"error": "<message>"}``; gRPC as the matching status code.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from fastapi import HTTPException
 
 MAX_MESSAGE_CHARS = 1000  # a gRPC client refuses a status message over its metadata limit (8 KiB)
 
@@ -23,3 +29,13 @@ class ProtocolError(Exception):
 
 def bad_request(message: str) -> ProtocolError:
     return ProtocolError(400, message)
+
+
+@contextlib.contextmanager
+def as_protocol_error(where: str = "", status: int | None = None) -> Iterator[None]:
+    """A ``ClientError`` (any FastAPI ``HTTPException``) raised inside becomes a ProtocolError:
+    its message prefixed with ``where``, its status kept unless ``status`` is given."""
+    try:
+        yield
+    except HTTPException as exc:
+        raise ProtocolError(status or exc.status_code, f"{where}{exc.detail}") from None

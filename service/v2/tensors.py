@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.http.bodies import byte_count, decode_base64
-from service.http.errors import ClientError, echo
-from service.v2.errors import bad_request
+from service.http.errors import echo
+from service.v2.errors import as_protocol_error, bad_request
 
 HEADER_LENGTH = "inference-header-content-length"
 LENGTH_PREFIX = struct.Struct("<I")
@@ -61,10 +61,8 @@ def bytes_from_base64(data: list, count: int, name: str) -> list[bytes]:
     for index, text in enumerate(flat):
         if not isinstance(text, str):
             raise bad_request(f"input '{name}': element {index} must be a base64 string, not {type(text).__name__}")
-        try:
+        with as_protocol_error(f"input '{name}': ", status=400):
             elements.append(decode_base64(text, f"{name}[{index}]"))
-        except ClientError as exc:
-            raise bad_request(f"input '{name}': {exc.detail}") from None
     return elements
 
 
