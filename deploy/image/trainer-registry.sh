@@ -20,13 +20,17 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-mkdir -p "$out" "$work/data"
-[ -d "$data" ] && cp -a "$data/." "$work/data/"
-chown -R 10001:10001 "$out" "$work/data"
+# One mount, as the pods' shared volume at /srv/digits (buildah 1.28's chroot isolation kept
+# writes to a second -v mount inside the container: the host saw none of them).
+mkdir -p "$work/shared/registry" "$work/shared/data"
+if [ -d "$data" ]; then cp -a "$data/." "$work/shared/data/"; fi
+chown -R 10001:10001 "$work/shared"
 container=$(buildah from --pull=never "$image")
 started=$(date +%s)
 # shellcheck disable=SC2016  # $0: the inner shell's first argument (the training options)
-buildah run --isolation chroot -v "$work/data:/app/data" -v "$(realpath "$out"):/app/registry" "$container" -- \
-    sh -c 'id -u && python -m model prepare-data && python -m model train $0' "$train_args"
+buildah run --isolation chroot -v "$work/shared:/srv/digits" "$container" -- sh -c '
+    set -e; cli="python -m model --data-dir /srv/digits/data --registry /srv/digits/registry"
+    echo "uid $(id -u)"; $cli prepare-data; $cli train $0' "$train_args"
+mv "$work/shared/registry" "$out"
 echo "==> $image made $out in $(($(date +%s) - started)) s: $(cat "$out/ACTIVE")"
 ls -l "$out/versions/$(cat "$out/ACTIVE")"
