@@ -42,6 +42,13 @@ wait_ready "http://127.0.0.1:$port" "$server_pid" "$started" "$timeout_s" "$work
 echo "==> container start -> /ready 200: $((READY_MS / 1000)).$(printf %03d $((READY_MS % 1000))) s"
 # The server's own processes (uid 10001, not buildah's): what a pod's memory request covers.
 server_rss() { ps -o uid=,rss=,args= -g "$server_pid" | awk '$1 == 10001 && $3 !~ /buildah/ {s += $2} END {print s}'; }
+# CPU time the server's processes used until then (less sensitive than the wall time to other load)
+server_cpu_ms() {
+    ps -o uid=,pid=,args= -g "$server_pid" | awk '$1 == 10001 && $3 !~ /buildah/ {print $2}' | while read -r pid; do
+        awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0
+    done | awk -v tick="$(getconf CLK_TCK)" '{s += $1} END {print int(s * 1000 / tick)}'
+}
+echo "==> CPU time of the server until /ready 200: $(server_cpu_ms) ms"
 echo "==> processes (uid, rss KiB):"; ps -o uid=,rss=,args= -g "$server_pid" | cut -c1-120
 echo "==> resident memory of the server after warm-up: $(($(server_rss) / 1024)) MiB"
 # a short load, LOAD_S (10) s: hey, 8 clients of V2 infer (a batch of 16 images a request) and 1
