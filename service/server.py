@@ -67,17 +67,25 @@ def model_lifespan(server: adapter.DigitServer, settings: Settings, placement: P
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         index = adapter.process_index()
         if placement.where == "api":
+            swap_problem: dict[str, str] = {}  # why the active version cannot be swapped in, while it cannot
+
             def announce(serving: Serving) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", model_version=serving.version,
                                 runtime=serving.runtime.name, runtime_reason=placement.reason,
-                                canary_version=slot.canary_version)
+                                canary_version=slot.canary_version, **swap_problem)
 
             def not_ready(problem: str) -> None:
                 readiness.write(settings.run_dir, "api", index, device="cpu", problem=problem)
 
+            def cannot_swap(problem: str | None) -> None:
+                swap_problem.clear()
+                swap_problem.update({"swap_problem": problem} if problem else {})
+                if slot.serving is not None:
+                    announce(slot.serving)
+
             slot = await asyncio.to_thread(
                 ModelSlot, Registry(settings.registry), "onnx", runtime_options(settings, "cpu", api_server=index),
-                on_change=announce, on_problem=not_ready)
+                on_change=announce, on_problem=not_ready, on_swap_problem=cannot_swap)
             if slot.serving is not None:
                 announce(slot.serving)
             slot.start_watching()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -72,6 +73,8 @@ def test_serves_predict_v2_grpc_and_hot_swaps_without_torch(start_torchless, reg
     server = start_torchless(registry_copy.root)
     ready = requests.get(f"{server.url}/ready", timeout=5)
     assert ready.status_code == 200 and ready.json()["runtime"] == "onnxruntime"
+    spawned = [c for c in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert spawned == []  # the model is in the API servers: no inference worker is started
     images, labels = mnist_test[0][:20].numpy(), mnist_test[1][:20].numpy()
 
     answers = [post_png(server.url, png_of(image)).json() for image in images]
@@ -138,6 +141,37 @@ def test_a_version_without_onnx_is_reported_then_served_once_exported(start_torc
     answer = post_png(server.url, png_of(mnist_test[0][0])).json()
     assert answer["digit"] == int(mnist_test[1][0]) and answer["model_version"] == "v0001"
     assert np.isclose(sum(answer["probabilities"]), 1.0, atol=1e-4)
+
+
+def test_a_swap_to_a_version_without_onnx_is_reported_in_ready(start_torchless, registry_copy, mnist_test) -> None:
+    """A newly activated version the torch-less replica cannot load: it keeps serving the one it
+    has (ready, not converged) and /ready's problems say which version and why, until it is over."""
+    biased, arch = biased_model(registry_copy, digit=3)
+    server = start_torchless(registry_copy.root, api_servers=2)
+    published = publish_model(registry_copy, biased, arch, mnist_test[0][:PARITY_IMAGES], parent="v0001")
+    assert serves_everywhere(server.url, published.version, 5.0)
+    registry_copy.onnx_path("v0001").unlink()  # v0001, activated again, cannot be served here now
+    registry_copy.activate("v0001")
+
+    def reported() -> dict | None:
+        body = requests.get(f"{server.url}/ready", timeout=2).json()
+        return body if len(body.get("problems", {})) == body["holders_expected"] else None
+
+    report = wait_until(reported, 30.0)
+    assert report, server.log_tail()
+    assert report["ready"] and not report["converged"] and report["active_version"] == "v0001"
+    assert report["serving_versions"] == [published.version]
+    assert set(report["problems"]) == {"api 0", "api 1"}
+    assert "cannot swap to the active version: v0001 has no model.onnx" in report["reason"]
+    assert "torch is not installed" in report["reason"]
+    assert requests.get(f"{server.url}/ready", timeout=2).status_code == 200
+    answer = post_png(server.url, png_of(mnist_test[0][0])).json()
+    assert answer["model_version"] == published.version and answer["digit"] == 3  # still serving
+
+    registry_copy.activate(published.version)  # over: the problem goes with it
+    cleared = wait_until(lambda: "problems" not in (body := requests.get(f"{server.url}/ready", timeout=2).json())
+                         and body["converged"], 30.0)
+    assert cleared, requests.get(f"{server.url}/ready", timeout=2).json()
 
 
 @pytest.mark.parametrize("settings,needs", [

@@ -6,6 +6,8 @@
 # then checks the admin API with the token. Stops everything it started, also on failure.
 #   usage: deploy/image/pod-smoke.sh IMAGE REGISTRY PYTHON [TIMEOUT_S]
 set -euo pipefail
+# shellcheck source=deploy/image/wait-ready.sh
+. "$(dirname "$0")/wait-ready.sh"
 image=$1
 source_registry=$2
 python=$3
@@ -52,7 +54,7 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 container=$(buildah from --pull=never "$image")
 root=$(buildah mount "$container")
 mkdir -p "$root$shared" "$root$(dirname "$token_file")"  # mount points, in the container's own layer
-started=$(date +%s)
+started=$(date +%s%N)
 # shellcheck disable=SC2016,SC2086  # the inner script expands its own arguments; $env: NAME=value words
 setsid unshare --mount bash -c '
     set -e; root=$1 shared_src=$2 shared=$3 secret_src=$4 secret=$5; shift 5
@@ -68,16 +70,7 @@ setsid unshare --mount bash -c '
 server_pid=$!
 
 url=http://127.0.0.1:$port
-echo "==> waiting for $url/ready (at most ${timeout_s}s)"
-while :; do
-    status=$(curl -s -o "$work/ready.json" -w '%{http_code}' "$url/ready" || true)
-    [ "$status" = 200 ] && break
-    if ! kill -0 "$server_pid" 2>/dev/null || [ $(($(date +%s) - started)) -ge "$timeout_s" ]; then
-        echo "FAILED: /ready answered ${status:-nothing}; server log:"; tail -40 "$work/server.log"; exit 1
-    fi
-    sleep 2
-done
-echo "==> /ready 200 after $(($(date +%s) - started)) s: $(cat "$work/ready.json")"
+wait_ready "$url" "$server_pid" "$started" "$timeout_s" "$work/server.log" "$work/ready.json"
 admin=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" "$url/admin/models")
 wrong=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer not-$token" "$url/admin/models")
 echo "==> /admin/models with the Secret's token: $admin, with another: $wrong"

@@ -19,7 +19,8 @@ What we rely on (each has a contract test in tests/test_litserve_contract.py):
   task LitServe's lifespan starts; with ``restart_workers=True`` a worker first reports which
   request it took (``LitAPIStatus.START`` with its worker id).
 * With ``max_batch_size == 1`` LitServe's loop skips ``batch`` and ``unbatch`` (:class:`BatchedAPI`
-  hides that), and it always starts at least one inference worker, even where none is needed.
+  hides that). ``run`` starts the workers through ``launch_inference_worker``: for an idle API (the
+  model is in the API servers) :class:`DigitServer` starts none.
 * A worker answers ``LitAPIStatus.ERROR`` with ``HTTPException(504)`` for a request that waited
   past the timeout and with a pickled exception when the LitAPI raised; :func:`submit` turns
   them into :class:`QueueTimeout` and :class:`WorkerFailed`.
@@ -128,9 +129,8 @@ class BatchedAPI(ls.LitAPI, Generic[Item, Result]):
     ``setup_model(device)``, ``decode_request(request) -> Item`` and ``predict_batch(items) ->
     results`` (one per item, in order).
 
-    ``idle=True`` makes the inference worker LitServe always starts even where no worker is
-    needed (the model runs in the API servers): it loads nothing and waits on its queue, which
-    no request ever reaches.
+    ``idle=True``: no inference worker is needed (the model runs in the API servers), so
+    :class:`DigitServer` starts none; were one started, it would load nothing.
     """
 
     def __init__(self, *, max_batch_size: int, batch_timeout: float, api_path: str, idle: bool = False) -> None:
@@ -305,6 +305,10 @@ class DigitServer(ls.LitServer):
         return self.worker_queues[self._launching]
 
     def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        """None for an idle API (the model is in the API servers): a spawned interpreter that
+        nothing calls would only take CPU from the start and memory from the pod."""
+        if getattr(lit_api, "idle", False):
+            return []
         return [self.launch_worker(index) for index in range(self.worker_count())]
 
     def launch_worker(self, index: int):

@@ -38,12 +38,15 @@ class ModelUnavailable(RuntimeError):
 class ModelSlot:
     def __init__(self, registry: Registry, mode: str, options: RuntimeOptions, measure_runs: int = 20,
                  on_change: Callable[[Serving], None] | None = None,
-                 on_problem: Callable[[str], None] | None = None) -> None:
+                 on_problem: Callable[[str], None] | None = None,
+                 on_swap_problem: Callable[[str | None], None] | None = None) -> None:
         """``on_change``: after every swap or fallback; ``on_problem``: whenever the reason the
-        slot has no model changes (also at start)."""
+        slot has no model changes (also at start); ``on_swap_problem``: why the newly activated
+        version cannot be swapped in (the slot serves the one it has), None once that is over."""
         self.registry, self.mode, self.options, self.measure_runs = registry, mode, options, measure_runs
         self.on_change = on_change or (lambda serving: None)
         self.on_problem = on_problem or (lambda problem: None)
+        self.on_swap_problem = on_swap_problem or (lambda problem: None)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self.serving: Serving | None = None
@@ -130,11 +133,15 @@ class ModelSlot:
         while not self._stop.wait(SWAP_POLL_SECONDS):
             try:
                 self.refresh()
-                failure = None
             except Exception as exc:
                 if str(exc) != failure:  # once per reason, not every poll
                     log.exception("could not swap to the newly activated version; retrying")
                     failure = str(exc)
+                    self.on_swap_problem(f"cannot swap to the active version: {exc}")
+            else:
+                if failure is not None:  # swapped after all, or the active version changed back
+                    failure = None
+                    self.on_swap_problem(None)
             live = self.serving
             if self.canary.refresh(live.version if live is not None else None) and live is not None:  # never raises
                 self.on_change(live)  # the holder's announcement names its canary too

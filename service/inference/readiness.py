@@ -76,12 +76,14 @@ def report(app: FastAPI) -> dict:
     ACTIVE. ``converged``: ready, and every holder serves the active version (false for the
     fraction of a second a swap takes). ``serving_versions``: what the holders serve now;
     ``model_version``: the one version all of them serve, None while they disagree.
-    ``problems``: why a holder that is up cannot serve (it counts as missing).
+    ``problems``: why a holder that is up cannot serve (it counts as missing), or cannot swap to
+    the active version (it serves the one it has: ready, not converged).
     """
     expected: list[tuple[str, int]] = app.state.model_holders
     states = read_all(settings_of(app).run_dir)
     holders = [state for state in states if "problem" not in state]
-    problems = {f"{s['role']} {s['index']}": s["problem"] for s in states if "problem" in s}
+    problems = {f"{s['role']} {s['index']}": s.get("problem") or s["swap_problem"] for s in states
+                if "problem" in s or "swap_problem" in s}
     present = {(h["role"], h["index"]) for h in holders}
     missing = [f"{role} {index}" for role, index in expected if (role, index) not in present]
     active = open_registry(settings_of(app).registry).active_version()
@@ -90,7 +92,7 @@ def report(app: FastAPI) -> dict:
             "missing": missing, "active_version": active, "serving_versions": serving,
             "converged": not missing and serving == [active], "holders": holders,
             "model_version": active if not missing and serving == [active] else None}
-    if problems:  # why a holder cannot serve (e.g. a version without model.onnx and no torch to export it)
+    if problems:  # e.g. a version without model.onnx, and no torch to export one
         body.update(problems=problems, reason="; ".join(sorted(set(problems.values()))))
     if holders:
         first = holders[0]

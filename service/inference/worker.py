@@ -45,7 +45,7 @@ class ItemResult(NamedTuple):
 
 class PredictAPI(adapter.BatchedAPI[Pinned, ItemResult]):
     def __init__(self, settings: Settings, holds_model: bool) -> None:
-        """Without ``holds_model`` this is the idle worker LitServe starts anyway (the model is in the API servers)."""
+        """Without ``holds_model`` (the model is in the API servers) no inference worker runs it."""
         batch_timeout = 0.0 if settings.batching == "greedy" else settings.batch_timeout
         super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=batch_timeout,
                          api_path="/litserve/predict", idle=not holds_model)
