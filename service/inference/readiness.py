@@ -2,8 +2,9 @@
 files in the run directory.
 
 Each model-holding process (an API server on CPU, an inference worker otherwise) writes
-``ready/<role>-<index>.json`` when its model is warm and again after every swap, or, while it
-cannot serve, a file whose ``problem`` says why; the supervisor removes the file of a process
+``ready/<role>-<index>.json`` when its model is warm and again after every swap (with a
+``swap_problem`` while the active version cannot be swapped in), or, while it cannot serve, a
+file whose ``problem`` says why; the supervisor removes the file of a process
 that died. ``/ready``, V2 readiness and metadata, ``/metrics`` and activation (in any API
 server) read them through :func:`report`.
 """
