@@ -10,7 +10,7 @@ REGISTRY ?= registry
 export DIGITS_DATA_DIR := $(DATA_DIR)
 export DIGITS_REGISTRY := $(REGISTRY)
 
-.PHONY: install data fonts train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak gpu-bench image image-base image-smoke clean protos
+.PHONY: install data fonts train retrain run replicas replicas-tools test browser lint loadtest bench bench-finetune bench-runtimes bench-preprocess bench-hostile soak demo-loop gpu-bench image image-base image-smoke clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing digit-service with its dev tools (torch is ~5 GB: a few minutes)"
@@ -99,6 +99,11 @@ bench-hostile: train
 	$(PY) -m loadtest.hostile_bench
 
 # Memory over time: mixed traffic for a few minutes (at most 10), each process's RSS and its slope.
+# Learning from traffic, end to end on a private registry copy: outline-style digits as traffic, the review
+# queue, a scripted reviewer, a fine-tune on the reviewed items, the gate; at most 3 minutes.
+demo-loop: train
+	$(PY) -m devtools.demo_loop
+
 soak: train
 	$(PY) -m loadtest.soak
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
     CollectorRegistry,
@@ -66,6 +67,20 @@ prediction_confidence = Histogram(
     "digits_prediction_confidence", "Probability of the predicted digit, per model version (a drift signal)",
     ["version"], buckets=CONFIDENCE_BUCKETS,
 )
+
+
+def observe_many(histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, in one pass: one increment per bucket hit instead of
+    one locked multiprocess write per value (8 us each here). It uses the child's bucket and sum
+    values as prometheus_client 0.x keeps them (one count per bucket, not cumulative);
+    tests/test_loop.py checks the exposed ``_count`` against the predictions sent."""
+    if not len(values):
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(np.sum(values, dtype=np.float64)))
+    for index in np.flatnonzero(counts).tolist():
+        histogram._buckets[index].inc(int(counts[index]))
 
 
 class ConvergenceCollector:

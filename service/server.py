@@ -23,7 +23,7 @@ from service.inference.placement import Placement, runtime_options
 from service.inference.predictor import InProcessPredictor, WorkerPredictor, serve_with
 from service.inference.worker import PredictAPI
 from service.loop import capture
-from service.routes import admin, canary, feedback, ops, predict
+from service.routes import admin, canary, feedback, ops, predict, review
 from service.routes.predict import PredictEndpoint
 from service.settings import Settings
 
@@ -141,6 +141,8 @@ def build_server(settings: Settings, placement: Placement, lit_api_class: type[P
     predict.document(app)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(review.router)
+    app.include_router(review.console)
     app.include_router(canary.router)
     v2.install(app, settings)  # after the model lifespan: gRPC starts once the predictor exists
     return server

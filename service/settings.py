@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         300.0, gt=0, le=86_400, description="how long a reviewer holds leased items before others may get them")
     traffic_ring_size: int = Field(
         2000, ge=1, le=100_000, description="recent inputs kept for shadow evaluation (oldest dropped)")
-    traffic_every: int = Field(1, ge=1, le=1_000_000, description="every Nth prediction goes to the traffic ring")
+    traffic_every: int = Field(4, ge=1, le=1_000_000, description="every Nth prediction goes to the traffic ring")
     capture_queue_size: int = Field(
         4096, ge=1, le=1_000_000,
         description="predictions waiting for the capture thread per API server; beyond it they are dropped "

@@ -239,7 +239,7 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
     assert schemes["AdminToken"]["scheme"] == schemes["FeedbackToken"]["scheme"] == "bearer"
     admin_operations = [(path, op) for path, item in document["paths"].items() if path.startswith("/admin/")
                         for op in item.values()]
-    assert len(admin_operations) == 6
+    assert len(admin_operations) == 16  # 6 of fine-tunes and versions, 1 plots, 9 of the review queue
     for path, operation in admin_operations:
         assert operation["security"] == [{"AdminToken": []}], path
         assert {"401", "403"} <= set(operation["responses"]), path
@@ -254,6 +254,9 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
         assert "404" in document["paths"][path][method]["responses"]
     assert {"202", "409"} <= set(document["paths"]["/admin/jobs/{job_id}"]["delete"]["responses"])
     assert "202" in document["paths"]["/admin/models/{version}/activate"]["post"]["responses"]
+    label = document["paths"]["/admin/review/items/{item_id}/label"]["post"]
+    assert {"404", "409", "422"} <= set(label["responses"]) and "requestBody" in label
+    assert {"422", "429"} <= set(document["paths"]["/admin/review/finetune"]["post"]["responses"])
     feedback = document["paths"]["/feedback"]["post"]
     assert {"401", "413", "429", "507"} <= set(feedback["responses"])
     assert feedback["security"] == [{"FeedbackToken": []}]

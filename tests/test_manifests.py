@@ -210,7 +210,8 @@ def test_dashboard_uses_the_service_metrics() -> None:
     assert used - exposed_metric_names() == set()
     for shown in ("digits_http_requests_total", "digits_http_request_duration_seconds_bucket",
                   "digits_batch_size_bucket", "digits_queue_wait_seconds_bucket", "digits_model_info",
-                  "digits_finetune_jobs_total"):
+                  "digits_finetune_jobs_total", "digits_review_captured_total", "digits_review_dropped_total",
+                  "digits_prediction_confidence_bucket"):
         assert shown in used
 
 

@@ -170,3 +170,41 @@ def test_tap_off_keeps_nothing_and_a_full_tap_drops_without_waiting(registry: Re
     for _ in range(100):
         stalled.observe(np.stack([digit(1)]), probabilities([0.1]), "v0001")
     assert time.monotonic() - started < 0.5 and stalled.pending.qsize() == 2
+
+
+def test_labels_of_a_job_that_ended_without_training_are_offered_again(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(1)])
+    token, _, [item] = queue.lease("a", 1)
+    queue.label(item.item_id, token, 1)
+    queue.take_for_job(lambda *_: "killed")
+    job_id, n = queue.take_for_job(lambda *_: "again", ended_without_training=lambda job: job == "killed")
+    assert (job_id, n) == ("again", 1)
+
+
+def _lease_in_a_process(root: str, reviewer: str, out) -> None:
+    queue = ReviewQueue(Registry(root))
+    got = []
+    for _ in range(10):
+        token, _, items = queue.lease(reviewer, 3)
+        for item in items:
+            queue.label(item.item_id, token, 1)
+            got.append(item.item_id)
+    out.put(got)
+
+
+def test_processes_sharing_the_registry_never_get_the_same_item(registry: Registry) -> None:
+    import multiprocessing
+
+    ReviewQueue(registry).add([capture(v) for v in range(60)])
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [context.Process(target=_lease_in_a_process, args=(str(registry.root), f"r{i}", out)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    got = [out.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    every = [item_id for ids in got for item_id in ids]
+    assert len(every) == len(set(every)) == 60
+    assert len(ReviewQueue(registry).labelled()[1]) == 60

@@ -208,8 +208,9 @@ class ReviewQueue:
         except FileNotFoundError:
             return State()
 
-    def _write_state(self, item_id: str, state: State) -> None:
-        atomic_write_bytes(self.registry.review_state_path(item_id), json.dumps(state.__dict__).encode())
+    def _write_state(self, item_id: str, state: State, durable: bool = True) -> None:
+        """Labels and job marks are fsynced; a lease (``durable=False``) costs nothing to lose."""
+        atomic_write_bytes(self.registry.review_state_path(item_id), json.dumps(state.__dict__).encode(), durable)
 
     def _load(self, item_id: str, state: State | None = None) -> ReviewItem | None:
         try:
@@ -258,17 +259,17 @@ class ReviewQueue:
             counts["used"] += state.job_id is not None
         return counts
 
-    def labelled(self, unused_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
         """Reviewed items and their labels: uint8 [n,28,28], int64 [n], oldest first."""
-        items = self.labelled_items(unused_only)
+        items = self.labelled_items()
         images = np.asarray([item.image for item in items], dtype=np.uint8).reshape(-1, 28, 28)
         return images, np.asarray([item.state.label for item in items], dtype=np.int64)
 
-    def labelled_items(self, unused_only: bool = False) -> list[ReviewItem]:
+    def labelled_items(self) -> list[ReviewItem]:
         items = []
         for item_id in sorted(self.registry.review_state_ids()):
             state = self._state(item_id)
-            if state.label is None or (unused_only and state.job_id is not None):
+            if state.label is None:
                 continue
             item = self._load(item_id, state)
             if item is not None:
@@ -293,7 +294,7 @@ class ReviewQueue:
             chosen = []
             for _, item_id, state in sorted(candidates)[:count]:
                 state.lease_token, state.lease_reviewer, state.lease_expires = token, reviewer, expires
-                self._write_state(item_id, state)
+                self._write_state(item_id, state, durable=False)
                 item = self._load(item_id, state)
                 if item is not None:
                     chosen.append(item)
@@ -343,14 +344,18 @@ class ReviewQueue:
             self.registry.review_state_path(item_id).unlink(missing_ok=True)
         self.registry.review_item_path(item_id).unlink(missing_ok=True)
 
-    def take_for_job(self, create_job: Callable[[np.ndarray, np.ndarray], str]) -> tuple[str, int]:
-        """Hand every labelled item no job has used yet to ``create_job(images, labels) -> job id``
-        and mark them used by it, in one step under the lock (two operators pressing "fine-tune"
-        at once cannot train on the same labels twice): (job id, items). ReviewError when none."""
+    def take_for_job(self, create_job: Callable[[np.ndarray, np.ndarray], str],
+                     ended_without_training: Callable[[str], bool] = lambda job_id: False) -> tuple[str, int]:
+        """Hand every labelled item no job has trained on to ``create_job(images, labels) -> job id``
+        and mark them with it, in one step under the lock (two operators pressing "fine-tune" at
+        once cannot train on the same labels twice): (job id, items). An item marked by a job that
+        ``ended_without_training`` (failed, cancelled: e.g. its trainer was killed) is offered again,
+        so no label is lost. ReviewError when there is none."""
         with self._locked():
-            items = self.labelled_items(unused_only=True)
+            items = [item for item in self.labelled_items()
+                     if item.state.job_id is None or ended_without_training(item.state.job_id)]
             if not items:
-                raise ReviewError("nothing_reviewed", "no labelled review item is left that no job has used")
+                raise ReviewError("nothing_reviewed", "no labelled review item is left that no job has trained on")
             images = np.asarray([item.image for item in items], dtype=np.uint8)
             job_id = create_job(images, np.asarray([item.state.label for item in items], dtype=np.int64))
             for item in items:

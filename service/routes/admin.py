@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
@@ -29,6 +29,7 @@ from service.http.errors import ClientError, validation_detail
 from service.http.inputs import decode_base64
 from service.http.labels import parse_label
 from service.inference import readiness
+from service.routes import review
 from service.routes.schemas import (
     ActivateResponse,
     ErrorBody,
@@ -111,8 +112,8 @@ async def samples_from_form(form: FormData, settings: Settings) -> Named:
 
 
 def samples_from_json(payload: FinetuneJSON) -> Named | None:
-    """The inline samples, or None for ``source: feedback``."""
-    if payload.source == "feedback":
+    """The inline samples, or None for ``source: feedback`` and ``source: review``."""
+    if payload.source in ("feedback", "review"):
         return None
     if not payload.samples:
         raise ClientError(422, "missing_samples", "send 'samples': [{image, label}, ...] or 'source': 'feedback'")
@@ -162,6 +163,8 @@ async def training_data(named: Named | None, settings: Settings,
 async def submit_finetune(request: Request, settings: SettingsDep, jobs: JobsDep,
                           feedback: FeedbackStoreDep) -> JobAccepted:
     named, options, source = await read_upload(request, settings)
+    if source == "review":
+        return await review.finetune_on_reviewed(review.get_queue(jobs.registry, settings), jobs, options, settings)
     images, labels = await training_data(named, settings, feedback)
     try:
         record, ahead = await asyncio.to_thread(jobs.create, images, labels, options, source,
@@ -216,6 +219,18 @@ async def list_models(registry: RegistryDep) -> list[ModelEntry]:
                        active=m.version == active, job_id=m.job_id,
                        metrics={k: v for k, v in m.metrics.items() if k != "history"})
             for m in registry.list_versions()]
+
+
+@router.get("/models/{version}/plots/{name}", response_class=FileResponse,
+            summary="A version's plots: training curves, confusion matrix (when its publisher drew them)",
+            responses={200: {"content": {"image/png": {}}},
+                       404: {"model": ErrorBody, "description": "no such version, or it has no such plot"}})
+async def version_plot(version: Version, name: Literal["training.png", "confusion.png"],
+                       registry: RegistryDep) -> FileResponse:
+    path = registry.version_dir(version) / name
+    if not registry.exists(version) or not path.is_file():
+        raise ClientError(404, "no_plot", f"{version} has no {name}")
+    return FileResponse(path, media_type="image/png")
 
 
 @router.post("/models/{version}/activate", response_model=ActivateResponse,

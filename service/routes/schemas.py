@@ -52,10 +52,11 @@ class LabelledImageJSON(BaseModel):
 
 
 class FinetuneJSON(FinetuneOptions):
-    """JSON body of POST /admin/finetune: inline samples, or ``source: feedback``."""
+    """JSON body of POST /admin/finetune: inline samples, ``source: feedback`` (the stored corrections) or
+    ``source: review`` (the review queue's labelled items no job has used yet)."""
 
     samples: list[LabelledImageJSON] | None = None
-    source: Literal["upload", "feedback"] = "upload"
+    source: Literal["upload", "feedback", "review"] = "upload"
 
 
 class JobAccepted(BaseModel):
