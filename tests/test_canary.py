@@ -180,6 +180,9 @@ def test_a_canary_that_fails_serves_nobody_and_fails_no_request(server, png, reg
         return requests.get(f"{server.url}/admin/canary", headers=AUTH, timeout=10).json()["holders_with_canary"]
 
     assert wait_until(lambda: canary_holders() == 0, 5), canary_holders()  # each holder that failed dropped it
+    pinned = post_png(server.url, png, headers={"X-Model-Version": "v0003"})  # a pin is never silently swapped
+    assert pinned.status_code == 503 and pinned.json()["error"] == "version_unavailable", pinned.text
+    assert pinned.headers["retry-after"] == "1"
 
 
 def test_abort_under_load_fails_no_request(server, png) -> None:

@@ -239,7 +239,7 @@ def test_openapi_documents_admin_bodies_security_and_errors(server: ServerProces
     assert schemes["AdminToken"]["scheme"] == schemes["FeedbackToken"]["scheme"] == "bearer"
     admin_operations = [(path, op) for path, item in document["paths"].items() if path.startswith("/admin/")
                         for op in item.values()]
-    assert len(admin_operations) == 16  # 6 of fine-tunes and versions, 1 plots, 9 of the review queue
+    assert len(admin_operations) == 20  # 6 of fine-tunes and versions, 1 plots, 9 of the review queue, 4 canary
     for path, operation in admin_operations:
         assert operation["security"] == [{"AdminToken": []}], path
         assert {"401", "403"} <= set(operation["responses"]), path

@@ -101,6 +101,10 @@ def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_s
         twice = requests.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=10)
         assert twice.status_code == 422 and twice.json()["error"] == "nothing_reviewed", twice.text
 
+    plot = requests.get(f"{server.url}/admin/models/v0001/plots/confusion.png", headers=AUTH, timeout=10)
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    for path, status in (("v0009/plots/confusion.png", 404), ("v0001/plots/model.onnx", 422)):
+        assert requests.get(f"{server.url}/admin/models/{path}", headers=AUTH, timeout=10).status_code == status
     page = requests.get(f"{server.url}/admin", timeout=10)
     assert page.status_code == 200 and 'id="canary"' in page.text and 'id="grid"' in page.text
     paths = requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
