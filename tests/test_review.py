@@ -121,10 +121,10 @@ def test_take_for_job_uses_each_label_once(registry: Registry) -> None:
     for item in items[:2]:
         queue.label(item.item_id, token, 4)
     seen = []
-    job_id, n = queue.take_for_job(lambda images, labels: seen.append((images.shape, labels.tolist())) or "job1")
-    assert (job_id, n) == ("job1", 2) and seen == [((2, 28, 28), [4, 4])]
+    job_id, n = queue.take_for_job(lambda job, images, labels: seen.append((job, images.shape, labels.tolist())))
+    assert n == 2 and seen == [(job_id, (2, 28, 28), [4, 4])]
     with pytest.raises(ReviewError) as none_left:
-        queue.take_for_job(lambda *_: "job2")
+        queue.take_for_job(lambda *_: None)
     assert none_left.value.code == "nothing_reviewed"
     assert len(queue.labelled()[1]) == 2  # used labels stay
 
@@ -177,9 +177,23 @@ def test_labels_of_a_job_that_ended_without_training_are_offered_again(registry:
     queue.add([capture(1)])
     token, _, [item] = queue.lease("a", 1)
     queue.label(item.item_id, token, 1)
-    queue.take_for_job(lambda *_: "killed")
-    job_id, n = queue.take_for_job(lambda *_: "again", ended_without_training=lambda job: job == "killed")
-    assert (job_id, n) == ("again", 1)
+    killed, _ = queue.take_for_job(lambda *_: None)
+    _, n = queue.take_for_job(lambda *_: None, ended_without_training=lambda job: job == killed)
+    assert n == 1
+
+
+def test_a_job_that_could_not_be_made_leaves_its_labels_unused(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    queue.add([capture(1)])
+    token, _, [item] = queue.lease("a", 1)
+    queue.label(item.item_id, token, 1)
+
+    def full(*_) -> None:
+        raise RuntimeError("queue full")
+
+    with pytest.raises(RuntimeError):
+        queue.take_for_job(full)
+    assert queue.labelled_items()[0].state.job_id is None
 
 
 def _lease_in_a_process(root: str, reviewer: str, out) -> None:

@@ -48,14 +48,15 @@ class JobStore:
         return self.registry.job_path(job_id)
 
     def create(self, images: np.ndarray, labels: np.ndarray, options: FinetuneOptions, source: str,
-               max_pending: int) -> tuple[JobRecord, int]:
+               max_pending: int, job_id: str | None = None) -> tuple[JobRecord, int]:
         """Queue a job and say how many are ahead of it. Samples first, then the record: a job is
-        visible only once its samples are complete. Raises QueueFull at ``max_pending``."""
+        visible only once its samples are complete. Raises QueueFull at ``max_pending``. ``job_id``:
+        one the caller made (``new_record_id``) and recorded elsewhere first."""
         with self._locked():
             ahead = self.pending_count()
             if ahead >= max_pending:
                 raise QueueFull(ahead)
-            job_id = new_record_id()
+            job_id = job_id or new_record_id()
             with atomic_file(self.registry.samples_path(job_id)) as tmp:
                 save_file({"images": np.ascontiguousarray(images, dtype=np.uint8),
                            "labels": np.asarray(labels, dtype=np.int64)}, str(tmp))

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from model.atomic import atomic_write_bytes
-from model.registry import RECORD_ID_PATTERN, Registry
+from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
 from service.finetune.feedback_store import read_sample
 
 DEFAULT_MAX_ITEMS = 5000
@@ -344,23 +344,31 @@ class ReviewQueue:
             self.registry.review_state_path(item_id).unlink(missing_ok=True)
         self.registry.review_item_path(item_id).unlink(missing_ok=True)
 
-    def take_for_job(self, create_job: Callable[[np.ndarray, np.ndarray], str],
+    def take_for_job(self, create_job: Callable[[str, np.ndarray, np.ndarray], None],
                      ended_without_training: Callable[[str], bool] = lambda job_id: False) -> tuple[str, int]:
-        """Hand every labelled item no job has trained on to ``create_job(images, labels) -> job id``
-        and mark them with it, in one step under the lock (two operators pressing "fine-tune" at
-        once cannot train on the same labels twice): (job id, items). An item marked by a job that
-        ``ended_without_training`` (failed, cancelled: e.g. its trainer was killed) is offered again,
-        so no label is lost. ReviewError when there is none."""
+        """Hand every labelled item no job has trained on to ``create_job(job id, images, labels)``,
+        in one step under the lock (two operators pressing "fine-tune" at once cannot train on the
+        same labels twice): (job id, items). The items are marked with the new job's id first, then
+        the job is made: a process killed between the two leaves marks of a job that does not
+        exist, which ``ended_without_training`` (also true for failed and cancelled jobs) offers
+        again, so no label is lost and none is trained on twice. ReviewError when there is none."""
         with self._locked():
             items = [item for item in self.labelled_items()
                      if item.state.job_id is None or ended_without_training(item.state.job_id)]
             if not items:
                 raise ReviewError("nothing_reviewed", "no labelled review item is left that no job has trained on")
-            images = np.asarray([item.image for item in items], dtype=np.uint8)
-            job_id = create_job(images, np.asarray([item.state.label for item in items], dtype=np.int64))
+            job_id, previous = new_record_id(), [item.state.job_id for item in items]
             for item in items:
                 item.state.job_id = job_id
                 self._write_state(item.item_id, item.state)
+            try:
+                create_job(job_id, np.asarray([item.image for item in items], dtype=np.uint8),
+                           np.asarray([item.state.label for item in items], dtype=np.int64))
+            except BaseException:
+                for item, job in zip(items, previous, strict=True):
+                    item.state.job_id = job
+                    self._write_state(item.item_id, item.state)
+                raise
             return job_id, len(items)
 
     @staticmethod

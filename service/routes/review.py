@@ -218,10 +218,9 @@ async def finetune_on_reviewed(queue: ReviewQueue, jobs: JobStore, options: Fine
     """A job of source ``review`` on every labelled item no job has used yet (marked with it)."""
     ahead = 0
 
-    def create(images, labels) -> str:
+    def create(job_id: str, images, labels) -> None:
         nonlocal ahead
-        record, ahead = jobs.create(images, labels, options, "review", settings.finetune_max_queued)
-        return record.job_id
+        _, ahead = jobs.create(images, labels, options, "review", settings.finetune_max_queued, job_id)
 
     def ended_without_training(job_id: str) -> bool:
         try:
