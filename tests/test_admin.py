@@ -463,6 +463,8 @@ def test_a_running_job_cancelled_stops_and_publishes_nothing(start_server, regis
     response = requests.delete(status, headers=AUTH, timeout=10)
     assert response.status_code == 202 and response.json()["state"] == "running"
     assert "cancelling" in response.json()["message"]
+    following = requests.get(status, headers=AUTH, timeout=10).json()  # whoever follows the job sees it too
+    assert following["state"] == "cancelled" or "cancelling" in following["message"], following
     record = job_done(server, long_job["job_id"], timeout=60)
     assert record["state"] == "cancelled" and record["produced_version"] is None, record
     assert record["progress"]["epoch"] < 50

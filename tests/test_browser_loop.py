@@ -1,5 +1,6 @@
 """The admin console in a real headless Chromium: captured traffic -> labelled with the keyboard ->
-fine-tune on the reviewed items -> promoted -> /predict answers with the new version."""
+fine-tune on the reviewed items -> promoted -> /predict answers with the new version; a canary
+started, compared and aborted from the console."""
 
 from __future__ import annotations
 
@@ -73,3 +74,20 @@ def test_label_in_the_console_fine_tune_and_promote(browser, start_server, regis
     assert serves_everywhere(server.url, "v0002")
     assert post_png(server.url, sent[0][0]).json()["model_version"] == "v0002"
     assert wait_until(lambda: page.locator("#counts").text_content().count(f"({LABELLED} trained on)") == 1, 10)
+
+    # a canary of the previous version from the console: compared there, then aborted
+    page.click('#versions button[data-canary="v0001"]')
+    page.wait_for_function("document.getElementById('canary-state').textContent.startsWith('v0001 serves 10')",
+                           timeout=15_000)
+    def everyone_has_it() -> bool:
+        state = requests.get(f"{server.url}/admin/canary", headers=auth, timeout=10).json()
+        return state["holders_with_canary"] == state["holders"]
+
+    assert wait_until(everyone_has_it, 15)
+    answered = {post_png(server.url, png).json()["model_version"] for png, _ in sent[:60]}
+    assert answered == {"v0001", "v0002"}  # 10 % of 60: some to the canary (fails with p = 0.9^60, 0.2 %)
+    page.wait_for_function("document.querySelector('#canary-compare tbody').textContent.includes('canary')",
+                           timeout=15_000)
+    page.click("#canary-abort")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('aborted')", timeout=15_000)
+    assert requests.get(f"{server.url}/admin/canary", headers=auth, timeout=10).json()["canary"] is None

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from devtools.processes import Child
+from model.finetune_options import FinetuneOptions
 from model.registry import Registry
 from service.finetune.jobs import JobStore
-from service.routes.schemas import FinetuneOptions
 from tests.conftest import DATA_DIR, wait_until
 
 

@@ -12,18 +12,52 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
+from pydantic import BaseModel, Field
 from safetensors.numpy import load_file, save_file
 
 from model.atomic import atomic_file, atomic_write_bytes
+from model.finetune_options import FinetuneOptions
 from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
-from service.routes.schemas import FINISHED_STATES, FinetuneOptions, JobRecord, JobState
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # a new version was published and activated
+    REJECTED = "rejected"  # trained, but the gate kept the live model
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # DELETE /admin/jobs/{id}: nothing was published
+
+
+FINISHED_STATES = (JobState.SUCCEEDED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    state: JobState
+    created: float
+    updated: float
+    samples: int
+    source: str
+    options: FinetuneOptions
+    parent_version: str | None = None
+    produced_version: str | None = None
+    progress: dict = Field(default_factory=dict, description="epoch, epochs, loss")
+    metrics_before: dict = Field(default_factory=dict)
+    metrics_after: dict = Field(default_factory=dict)
+    shadow: dict | None = Field(None, description="shadow evaluation beside the live model: traffic and reviewed "
+                                                  "counts, agreement, confidence shift, accuracies, p-value, decision")
+    message: str = ""
+
 
 PENDING_STATES = (JobState.QUEUED, JobState.RUNNING)
 
+CANCELLING = "cancelling: stops at the next training batch; nothing will be published"
 
 class QueueFull(Exception):
     """As many jobs are queued or running as the bound allows."""
@@ -72,7 +106,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord:
         try:
-            return JobRecord.model_validate_json(self._path(job_id).read_text())
+            return self._as_seen(JobRecord.model_validate_json(self._path(job_id).read_text()))
         except FileNotFoundError:
             raise KeyError(job_id) from None
 
@@ -80,10 +114,16 @@ class JobStore:
         records = []
         for path in self.registry.job_paths():
             try:
-                records.append(JobRecord.model_validate_json(path.read_text()))
+                records.append(self._as_seen(JobRecord.model_validate_json(path.read_text())))
             except (OSError, ValueError):
                 continue
         return sorted(records, key=lambda r: (r.created, r.job_id))
+
+    def _as_seen(self, record: JobRecord) -> JobRecord:
+        """A running job asked to stop says so (the trainer owns its record and ends it)."""
+        if record.state == JobState.RUNNING and self.cancel_requested(record.job_id):
+            record.message = CANCELLING
+        return record
 
     def pending_count(self) -> int:
         return sum(1 for r in self.all() if r.state in PENDING_STATES)
@@ -101,7 +141,7 @@ class JobStore:
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is cancelled at once; a running one is asked to stop at its next batch
-        (its record says so until the trainer ends it). Raises KeyError, JobFinished."""
+        (``get`` and ``all`` say so until the trainer ends it). Raises KeyError, JobFinished."""
         with self._locked():
             record = self.get(job_id)
             if record.state in FINISHED_STATES:
@@ -112,7 +152,7 @@ class JobStore:
                 self.registry.samples_path(job_id).unlink(missing_ok=True)
             else:
                 atomic_write_bytes(self.registry.cancel_path(job_id), b"", durable=False)
-                record.message = "cancelling: stops at the next training batch; nothing will be published"
+                record.message = CANCELLING
             return record
 
     def cancel_requested(self, job_id: str) -> bool:

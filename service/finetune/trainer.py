@@ -37,9 +37,8 @@ from model.registry import Registry
 from model.slices import ReadSlice, gate_suite
 from model.train import EpochStats
 from service import metrics
-from service.finetune.jobs import JobStore
+from service.finetune.jobs import JobRecord, JobState, JobStore
 from service.loop.shadow import recent_evidence, replay
-from service.routes.schemas import JobRecord, JobState
 from service.settings import Settings
 
 log = logging.getLogger("digits.trainer")
@@ -190,16 +189,23 @@ def run_trainer(settings: Settings, stop: threading.Event) -> None:
         lock.release()
 
 
-def trainer_loop(settings: Settings) -> None:
-    """The trainer process beside the server: SIGTERM stops it; SIGINT is the main process's."""
+def _prepared(settings: Settings, stop_on_sigint: bool) -> threading.Event:
+    """Logging and torch's threads set up; the event that SIGTERM (and SIGINT, when the trainer
+    runs on its own) sets to stop it."""
     from service.logs import configure_logging
 
     configure_logging(settings.log_level)
     torch.set_num_threads(settings.trainer_threads)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
-    run_trainer(settings, stop)
+    # beside the server, the main process decides when we stop
+    signal.signal(signal.SIGINT, (lambda *_: stop.set()) if stop_on_sigint else signal.SIG_IGN)
+    return stop
+
+
+def trainer_loop(settings: Settings) -> None:
+    """The trainer process beside the server: SIGTERM stops it; SIGINT is the main process's."""
+    run_trainer(settings, _prepared(settings, stop_on_sigint=False))
 
 
 def start_trainer(settings: Settings) -> mp.Process:
@@ -213,17 +219,11 @@ def start_trainer(settings: Settings) -> mp.Process:
 def main() -> int:
     """``python -m service.finetune.trainer``: the trainer on its own until SIGTERM or SIGINT, for a
     deployment whose serving replicas run with ``DIGITS_TRAINER_ENABLED=false``."""
-    from service.logs import configure_logging
-
     settings = Settings(_cli_parse_args=True)
-    configure_logging(settings.log_level)
     if Registry(settings.registry).active_version() is None:
         print(f"error: {settings.registry} has no active model; run `make train` first", file=sys.stderr)
         return 2
-    torch.set_num_threads(settings.trainer_threads)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _prepared(settings, stop_on_sigint=True)
     if settings.trainer_metrics_port is not None:
         start_http_server(settings.trainer_metrics_port, addr=settings.host)
         log.info("trainer metrics on http://%s:%d/metrics", settings.host, settings.trainer_metrics_port)

@@ -2,9 +2,10 @@
 
 A process (an API server on CPU, an inference worker otherwise) holds one :class:`Serving`
 state, replaced whole under a lock: a prediction always sees one runtime, version and reason.
-A watcher thread polls the registry's ACTIVE pointer (one stat call) and swaps in newly
-activated versions between predictions. It follows the CANARY pointer too: a canary version
-is served beside the live one to its share of requests (service/loop/canary.py).
+A watcher thread polls the registry's ACTIVE pointer (one small read, which an NFS client
+revalidates) and swaps in newly activated versions between predictions. It follows the CANARY
+pointer too: a canary version is served beside the live one to its share of requests
+(service/loop/canary.py).
 
 A version that cannot be served here (no model.onnx, and no torch to export one) leaves the
 slot without a model and with a :attr:`ModelSlot.problem` that /ready reports; the watcher
@@ -24,7 +25,14 @@ import numpy as np
 from model.onnx_serving import OnnxUnavailable
 from model.registry import Registry
 from service import metrics
-from service.inference.runtimes import RuntimeOptions, Serving, build_runtime, choose_runtime, is_compiled
+from service.inference.runtimes import (
+    RuntimeOptions,
+    Serving,
+    build_runtime,
+    choose_runtime,
+    fallback_to_onnx,
+    is_compiled,
+)
 from service.loop.canary import CanaryArm
 
 log = logging.getLogger("digits.model")
@@ -94,8 +102,7 @@ class ModelSlot:
                     self.on_change(live)
                     serving = live
                 elif is_compiled(serving.runtime):
-                    log.exception("the compiled model failed; switching to ONNX Runtime")
-                    serving = self._fall_back(f"torch.compile failed while serving ({exc}); fallback")
+                    serving = self._fall_back(f"while serving: {exc}")
                 else:
                     raise
                 probabilities = serving.runtime.probabilities(pixels)
@@ -109,12 +116,11 @@ class ModelSlot:
         state = self.canary.state
         return state.version if state is not None else None
 
-    def _fall_back(self, reason: str) -> Serving:
+    def _fall_back(self, why: str) -> Serving:
         """Called with the lock held."""
         previous = self.serving
-        runtime = build_runtime("onnx", self.registry, previous.version, self.options)
-        self.serving = Serving(runtime, reason, "fallback")
-        metrics.runtime_fallbacks.inc()
+        self.serving = fallback_to_onnx(self.registry, previous.version, self.options, why)
+        runtime = self.serving.runtime
         metrics.set_runtime_info(runtime.name, "fallback", (previous.runtime.name, previous.code))
         metrics.set_model_info(runtime.version, runtime.name, (previous.version, previous.runtime.name))
         self.on_change(self.serving)

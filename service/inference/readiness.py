@@ -76,7 +76,7 @@ def report(app: FastAPI) -> dict:
     ``ready``: every expected holder has a warmed model. ``active_version``: the registry's
     ACTIVE. ``converged``: ready, and every holder serves the active version (false for the
     fraction of a second a swap takes). ``serving_versions``: what the holders serve now;
-    ``model_version``: the one version all of them serve, None while they disagree.
+    ``model_version``: the active version once they all serve it, None until then.
     ``problems``: why a holder that is up cannot serve (it counts as missing), or cannot swap to
     the active version (it serves the one it has: ready, not converged).
     """

@@ -19,6 +19,7 @@ import numpy as np
 
 from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ensure_onnx, ort_session
 from model.registry import Registry
+from service import metrics
 from service.inference.cores import CoreShare
 
 log = logging.getLogger("digits.runtime")
@@ -110,7 +111,9 @@ class Serving:
 
 
 def fallback_to_onnx(registry: Registry, version: str, options: RuntimeOptions, why: str) -> Serving:
+    """ONNX Runtime in place of a compiled model that failed (at start, warm-up or while serving)."""
     log.exception("torch.compile failed (%s); falling back to ONNX Runtime", why)
+    metrics.runtime_fallbacks.inc()
     return Serving(build_runtime("onnx", registry, version, options), f"torch.compile failed ({why}); fallback",
                   "fallback")
 

@@ -18,10 +18,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
+from model.finetune_options import FinetuneOptions
 from model.registry import RECORD_ID, VERSION_ID, RegistryError
 from service.finetune.archives import ArchiveLimits, read_image_folder
 from service.finetune.feedback_store import FeedbackStore
-from service.finetune.jobs import JobFinished, QueueFull
+from service.finetune.jobs import JobFinished, JobRecord, JobState, QueueFull
 from service.http.auth import require_admin
 from service.http.bodies import decode_base64, read_body
 from service.http.errors import ClientError, echo, validation_detail
@@ -29,17 +30,7 @@ from service.http.inputs import digit_from_bytes
 from service.http.labels import parse_label
 from service.inference import readiness
 from service.routes import review
-from service.routes.schemas import (
-    ActivateResponse,
-    ErrorBody,
-    FinetuneJSON,
-    FinetuneOptions,
-    JobAccepted,
-    JobRecord,
-    JobState,
-    ModelEntry,
-    inline_schema,
-)
+from service.routes.schemas import ActivateResponse, ErrorBody, FinetuneJSON, JobAccepted, ModelEntry, inline_schema
 from service.routes.stores import FeedbackStoreDep, JobsDep, RegistryDep, SettingsDep
 from service.settings import Settings
 

@@ -17,14 +17,15 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.finetune_options import FinetuneOptions
 from model.preprocess import encode_png
 from model.registry import RECORD_ID
-from service.finetune.jobs import JobStore, QueueFull
+from service.finetune.jobs import JobState, JobStore, QueueFull
 from service.http.auth import require_admin
 from service.http.errors import ClientError
 from service.http.labels import Label
 from service.loop.review import ReviewError, ReviewItem, ReviewQueue
-from service.routes.schemas import ErrorBody, FinetuneOptions, JobAccepted, JobState
+from service.routes.schemas import ErrorBody, JobAccepted
 from service.routes.stores import JobsDep, RegistryDep, SettingsDep
 from service.settings import Settings
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.finetune_options import FinetuneOptions
+from service.finetune.jobs import JobState
 from service.http.labels import Label
 
 
@@ -65,36 +65,6 @@ class JobAccepted(BaseModel):
     state: JobState
     queued_behind: int = Field(..., description="jobs ahead of this one")
     message: str
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"  # a new version was published and activated
-    REJECTED = "rejected"  # trained, but the gate kept the live model
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # DELETE /admin/jobs/{id}: nothing was published
-
-
-FINISHED_STATES = (JobState.SUCCEEDED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED)
-
-
-class JobRecord(BaseModel):
-    job_id: str
-    state: JobState
-    created: float
-    updated: float
-    samples: int
-    source: str
-    options: FinetuneOptions
-    parent_version: str | None = None
-    produced_version: str | None = None
-    progress: dict = Field(default_factory=dict, description="epoch, epochs, loss")
-    metrics_before: dict = Field(default_factory=dict)
-    metrics_after: dict = Field(default_factory=dict)
-    shadow: dict | None = Field(None, description="shadow evaluation beside the live model: traffic and reviewed "
-                                                  "counts, agreement, confidence shift, accuracies, p-value, decision")
-    message: str = ""
 
 
 class ModelEntry(BaseModel):
