@@ -7,19 +7,19 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.datastructures import FormData
-from starlette.formparsers import MultiPartException
 from starlette.types import Receive
 
 from service.http.errors import ClientError, validation_detail
 
 Model = TypeVar("Model", bound=BaseModel)
+MAX_PREDICT_PARTS = 16  # a /predict body carries one image; a few more fields are tolerated
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 # base64 as people produce it: line-wrapped (`base64` without -w0), spaces, missing padding,
 # standard or url-safe alphabet (not mixed). Nothing else.
@@ -59,60 +59,64 @@ def parse_json(body: bytes, model: type[Model]) -> Model:
         raise ClientError(422, code, validation_detail(exc.errors(include_input=False))) from None
 
 
-async def read_form(request: Request, max_part_bytes: int, max_files: int = 1000) -> FormData:
-    try:
-        return await request.form(
-            max_files=max_files, max_fields=max_files * 2 + 16, max_part_size=max_part_bytes
-        )
-    except MultiPartException as exc:
-        detail = f"the multipart body could not be parsed: {exc.message}"
-        raise ClientError(422, "malformed_multipart", detail) from None
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart body: a field (``filename`` None) or a file."""
+
+    name: str
+    filename: str | None
+    data: bytes
 
 
-async def read_body(request: Request, model: type[Model], *, max_part_bytes: int, max_files: int,
-                    expected: str) -> FormData | Model:
-    """The body as multipart ``FormData`` or as ``model`` parsed from JSON (``*/*+json`` too);
-    415 for any other Content-Type, with ``expected`` (what to send instead) in the detail."""
-    kind = media_type(request)
-    if kind == "multipart/form-data":
-        return await read_form(request, max_part_bytes, max_files)
-    if is_json(kind):
-        return parse_json(await request.body(), model)
-    raise unsupported(kind, expected)
+class Form:
+    """A multipart body's parts, in order, by the two questions routes ask of them."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
+
+    def files(self, name: str) -> list[Part]:
+        return [part for part in self.parts if part.name == name and part.filename is not None]
+
+    def file(self, name: str) -> Part | None:
+        return next(iter(self.files(name)), None)
+
+    def fields(self, name: str) -> list[str]:
+        return [part.data.decode("utf-8", errors="replace") for part in self.parts
+                if part.name == name and part.filename is None]
+
+    def field(self, name: str) -> str | None:
+        return next(iter(self.fields(name)), None)
 
 
-def unsupported(kind: str, expected: str) -> ClientError:
-    """The 415 for a Content-Type the route does not take; ``expected`` says what to send instead."""
-    return ClientError(415, "unsupported_media_type",
-                       f"Content-Type {kind or '(none)'} is not supported; send {expected}")
-
-
-def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
-    """The bytes of one field of an in-memory multipart body (python-multipart's low-level
-    parser: no temporary files, no UploadFile objects); None when the field is absent."""
+def multipart_parts(body: bytes, content_type: str, max_parts: int) -> list[Part]:
+    """The parts of an in-memory multipart body (python-multipart's low-level parser: no
+    temporary files; the body's size is already bounded), at most ``max_parts`` of them (413)."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise ClientError(422, "malformed_multipart", "the multipart Content-Type has no boundary")
-    found: dict[str, bytes] = {}
+    parts: list[Part] = []
     chunks: list[bytes] = []
     header_name: list[bytes] = []
     header_value: list[bytes] = []
-    current: list[str | None] = [None]
+    disposition: dict[bytes, bytes] = {}
 
     def on_header_end() -> None:
         if b"".join(header_name).lower() == b"content-disposition":
-            _, options = parse_options_header(b"".join(header_value))
-            name = options.get(b"name")
-            current[0] = name.decode("latin-1") if name is not None else None
+            disposition.update(parse_options_header(b"".join(header_value))[1])
         header_name.clear()
         header_value.clear()
 
     def on_part_end() -> None:
-        if current[0] is not None and current[0] not in found:
-            found[current[0]] = b"".join(chunks)
+        name, filename = disposition.get(b"name"), disposition.get(b"filename")
+        if name is not None:
+            if len(parts) == max_parts:
+                raise ClientError(413, "too_many_parts", f"the multipart body has more than {max_parts:,} parts")
+            parts.append(Part(name.decode("utf-8", errors="replace"),
+                              filename.decode("utf-8", errors="replace") if filename is not None else None,
+                              b"".join(chunks)))
         chunks.clear()
-        current[0] = None
+        disposition.clear()
 
     parser = MultipartParser(boundary, {
         "on_part_data": lambda data, start, end: chunks.append(data[start:end]),
@@ -126,7 +130,30 @@ def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
         parser.finalize()
     except MultipartParseError as exc:
         raise ClientError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
-    return found.get(field)
+    return parts
+
+
+def multipart_field(body: bytes, content_type: str, field: str) -> bytes | None:
+    """The bytes of the first part named ``field`` (a file or not); None when there is none."""
+    return next((part.data for part in multipart_parts(body, content_type, MAX_PREDICT_PARTS) if part.name == field),
+                None)
+
+
+async def read_body(request: Request, model: type[Model], *, max_parts: int, expected: str) -> Form | Model:
+    """The body as a multipart :class:`Form` or as ``model`` parsed from JSON (``*/*+json`` too);
+    415 for any other Content-Type, with ``expected`` (what to send instead) in the detail."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        return Form(multipart_parts(await request.body(), request.headers.get("content-type", ""), max_parts))
+    if is_json(kind):
+        return parse_json(await request.body(), model)
+    raise unsupported(kind, expected)
+
+
+def unsupported(kind: str, expected: str) -> ClientError:
+    """The 415 for a Content-Type the route does not take; ``expected`` says what to send instead."""
+    return ClientError(415, "unsupported_media_type",
+                       f"Content-Type {kind or '(none)'} is not supported; send {expected}")
 
 
 async def receive_body(receive: Receive) -> bytes:

@@ -16,7 +16,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
 
 from model.finetune_options import FinetuneOptions
 from model.registry import RECORD_ID, VERSION_ID, RegistryError
@@ -24,7 +23,7 @@ from service.finetune.archives import ArchiveLimits, read_image_folder
 from service.finetune.feedback_store import FeedbackStore
 from service.finetune.jobs import JobFinished, JobRecord, JobState, QueueFull
 from service.http.auth import require_admin
-from service.http.bodies import decode_base64, read_body
+from service.http.bodies import Form, decode_base64, read_body
 from service.http.errors import ClientError, echo, validation_detail
 from service.http.inputs import digit_from_bytes
 from service.http.labels import parse_label
@@ -69,23 +68,21 @@ def decode_samples(named: Named, max_pixels: int) -> tuple[np.ndarray, np.ndarra
     return images, np.array([label for _, label, _ in named], dtype=np.int64)
 
 
-def options_from_form(form: FormData) -> FinetuneOptions:
-    values = {name: form.get(name) for name in OPTION_FIELDS if form.get(name) not in (None, "")}
+def options_from_form(form: Form) -> FinetuneOptions:
+    values = {name: form.field(name) for name in OPTION_FIELDS if form.field(name) not in (None, "")}
     try:
         return FinetuneOptions.model_validate(values)
     except ValidationError as exc:
         raise ClientError(422, "invalid_options", validation_detail(exc.errors(include_input=False))) from None
 
 
-async def samples_from_form(form: FormData, settings: Settings) -> Named:
-    archive = form.get("archive")
-    if isinstance(archive, UploadFile):
+async def samples_from_form(form: Form, settings: Settings) -> Named:
+    archive = form.file("archive")
+    if archive is not None:
         limits = ArchiveLimits(settings.finetune_max_samples, settings.finetune_max_archive_bytes)
-        data = await archive.read()
-        return await asyncio.to_thread(read_image_folder, data, archive.filename or "", limits)  # off the loop
-    files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    labels = [part.strip() for value in form.getlist("labels") if isinstance(value, str)
-              for part in value.split(",") if part.strip()]
+        return await asyncio.to_thread(read_image_folder, archive.data, archive.filename, limits)  # off the loop
+    files = form.files("files")
+    labels = [part.strip() for value in form.fields("labels") for part in value.split(",") if part.strip()]
     if not files:
         raise ClientError(422, "missing_samples",
                           "send an 'archive' (.zip/.tar.gz, <label>/<name>.png) or 'files' with 'labels'")
@@ -94,7 +91,7 @@ async def samples_from_form(form: FormData, settings: Settings) -> Named:
     named = []
     for index, (upload, label) in enumerate(zip(files, labels, strict=True)):
         name = upload.filename or f"file {index}"
-        named.append((name, parse_label(label, f"labels[{index}] (of {name})"), await upload.read()))
+        named.append((name, parse_label(label, f"labels[{index}] (of {echo(name)})"), upload.data))
     return named
 
 
@@ -110,10 +107,9 @@ def samples_from_json(payload: FinetuneJSON) -> Named | None:
 
 async def read_upload(request: Request, settings: Settings) -> tuple[Named | None, FinetuneOptions, str]:
     """(samples or None for feedback, options, source) from a multipart or JSON body."""
-    body = await read_body(request, FinetuneJSON, max_part_bytes=settings.finetune_max_body_bytes,
-                           max_files=settings.finetune_max_samples + 1,
+    body = await read_body(request, FinetuneJSON, max_parts=2 * settings.finetune_max_samples + len(OPTION_FIELDS) + 1,
                            expected="multipart/form-data (archive, or files + labels) or application/json")
-    if isinstance(body, FormData):
+    if isinstance(body, Form):
         options = options_from_form(body)
         return await samples_from_form(body, settings), options, "upload"
     options = FinetuneOptions.model_validate(body.model_dump(include=set(OPTION_FIELDS)))

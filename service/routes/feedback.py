@@ -11,10 +11,9 @@ import math
 from functools import cache
 
 from fastapi import APIRouter, Depends, Request
-from starlette.datastructures import FormData, UploadFile
 
 from service.http.auth import require_feedback_token
-from service.http.bodies import decode_base64, read_body
+from service.http.bodies import Form, decode_base64, read_body
 from service.http.errors import ClientError
 from service.http.inputs import digit_from_bytes_async
 from service.http.labels import parse_label
@@ -42,21 +41,22 @@ MULTIPART_FORM = {"type": "object", "required": ["file", "label"],
                   "properties": {"file": {"type": "string", "format": "binary"},
                                  "label": {"type": "string", "pattern": "^[0-9]$", "description": "the true digit"}}}
 
+MAX_PARTS = 8  # file and label, and a few a client may add
 router = APIRouter(tags=["feedback"], dependencies=[Depends(rate_limit), Depends(require_feedback_token)])
 
 
-async def labelled_image(request: Request, max_bytes: int) -> tuple[bytes, int]:
+async def labelled_image(request: Request) -> tuple[bytes, int]:
     """(image bytes, label) from multipart ``file`` + ``label`` or JSON ``{image, label}``."""
-    body = await read_body(request, LabelledImageJSON, max_part_bytes=max_bytes, max_files=4,
+    body = await read_body(request, LabelledImageJSON, max_parts=MAX_PARTS,
                            expected="multipart/form-data (file, label) or application/json {image, label}")
-    if not isinstance(body, FormData):
+    if not isinstance(body, Form):
         return decode_base64(body.image), body.label
-    upload, label = body.get("file"), body.get("label")
-    if not isinstance(upload, UploadFile):
+    upload, label = body.file("file"), body.field("label")
+    if upload is None:
         raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
-    if not isinstance(label, str):
+    if label is None:
         raise ClientError(422, "missing_label", "the multipart body needs a 'label' field (0-9)")
-    return await upload.read(), parse_label(label)
+    return upload.data, parse_label(label)
 
 
 @router.post(
@@ -73,7 +73,7 @@ async def labelled_image(request: Request, max_bytes: int) -> tuple[bytes, int]:
                507: {"model": ErrorBody, "description": "the feedback store is full"}},
 )
 async def post_feedback(request: Request, settings: SettingsDep, store: FeedbackStoreDep) -> FeedbackResponse:
-    data, label = await labelled_image(request, settings.max_body_bytes)
+    data, label = await labelled_image(request)
     store.check_room()  # before the costly part: decoding the image
     pixels = await digit_from_bytes_async(data, settings.max_pixels)
     sample_id, usage = await asyncio.to_thread(store.add, pixels, label)  # waits on a file lock
