@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,3 +35,18 @@ def atomic_file(path: Path, durable: bool = True) -> Iterator[Path]:
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     with atomic_file(path, durable) as tmp:
         tmp.write_bytes(data)
+
+
+def remove_stale_temporaries(directory: Path, older_than: float = 60.0) -> int:
+    """Remove what writers killed mid-write left in ``directory`` (their temporary files, which
+    listings skip); how many. Only files older than ``older_than`` seconds: a live writer's is
+    younger."""
+    removed, cutoff = 0, time.time() - older_than
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # renamed or removed meanwhile
+    return removed

@@ -89,7 +89,7 @@ class Manifest(BaseModel):
 
 def new_record_id() -> str:
     """A job or feedback id: unique, and sorting by it sorts by creation time."""
-    return time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:8]
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex[:8]
 
 
 def sha256_file(path: Path) -> str:
@@ -190,11 +190,13 @@ class Registry:
         return _marker(self.active_file)
 
     def canary(self) -> Canary | None:
-        """The canary rollout under way, or None."""
+        """The canary rollout under way, or None (also for a pointer left naming the active
+        version: a promotion killed before it removed the pointer, or that version activated)."""
         try:
-            return Canary.model_validate_json(self.canary_file.read_text())
+            canary = Canary.model_validate_json(self.canary_file.read_text())
         except FileNotFoundError:
             return None
+        return None if canary.version == self.active_version() else canary
 
     def canary_marker(self) -> tuple[int, int] | None:
         """Like :meth:`active_marker`, for the CANARY pointer (None: no canary)."""
@@ -361,10 +363,15 @@ class Registry:
             return manifest
 
     def activate(self, version: str) -> None:
+        """Move ACTIVE; a canary of ``version`` ends, as it is live now."""
         if not self.exists(version):
             raise RegistryError(f"no version {version} in {self.root}")
         with self.lock:
+            canary = self.canary()
             self._write_active(version)
+            if canary is not None and canary.version == version:
+                self.canary_file.unlink(missing_ok=True)
+                _fsync_dir(self.root)
 
     def start_canary(self, version: str, percent: float) -> Canary:
         """Serve ``percent`` of requests with ``version`` (replacing any canary under way)."""

@@ -167,3 +167,8 @@ def settings_of(app: Any) -> Settings:
     """The settings an app was built with (``build_server`` keeps them on ``app.state``): the one
     way routes, dependencies and checks read them."""
     return app.state.settings
+
+
+def default_of(name: str) -> Any:
+    """A setting's default, for code that takes the knob as an argument (one home for the value)."""
+    return Settings.model_fields[name].default

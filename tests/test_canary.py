@@ -170,7 +170,12 @@ def test_bad_canary_requests_are_4xx_naming_the_problem(server, png) -> None:
 
 def test_a_canary_that_fails_serves_nobody_and_fails_no_request(server, png, registry) -> None:
     assert start_canary(server, "v0003", 50).status_code == 200
-    assert wait_until(lambda: registry.canary() is not None, 5)
+
+    def loaded_everywhere() -> bool:  # it loads (it fails only when run), so every holder has it first
+        state = requests.get(f"{server.url}/admin/canary", headers=AUTH, timeout=10).json()
+        return state["holders_with_canary"] == state["holders"]
+
+    assert wait_until(loaded_everywhere, 15)
     answers = [post_png(server.url, png) for _ in range(120)]  # a connection each: both API servers get some
     assert [r.status_code for r in answers] == [200] * 120, [r.text for r in answers if r.status_code != 200][:3]
     assert {r.json()["model_version"] for r in answers} == {"v0001"}

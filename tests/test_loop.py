@@ -100,6 +100,9 @@ def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_s
     for path, body in (("/admin/review/finetune", None), ("/admin/finetune", {"source": "review"})):
         twice = requests.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=10)
         assert twice.status_code == 422 and twice.json()["error"] == "nothing_reviewed", twice.text
+    both = requests.post(f"{server.url}/admin/finetune", headers=AUTH, timeout=10,
+                         json={"source": "review", "samples": [{"image": "aGk=", "label": 1}]})
+    assert both.status_code == 422 and both.json()["error"] == "samples_with_source", both.text
 
     plot = requests.get(f"{server.url}/admin/models/v0001/plots/confusion.png", headers=AUTH, timeout=10)
     assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
@@ -185,7 +188,7 @@ def test_kill9_of_an_api_server_mid_labelling_loses_no_label_and_gives_none_twic
     for item_id in list(stored)[:10]:
         with_any_token = review(server.url, f"/items/{item_id}/label", "POST", json={"token": "x" * 16, "label": 1})
         assert with_any_token.status_code == 409
-    assert len(queue.labelled()[1]) == len(stored) and not refused
+    assert len(queue.labelled_items()) == len(stored) and not refused
 
 
 def _serves_with_new_pid(server, old_pid: int) -> bool:
@@ -208,7 +211,7 @@ def test_kill9_of_the_trainer_mid_job_keeps_the_reviewed_labels(start_server, re
     assert wait_until(lambda: requests.get(status, headers=AUTH, timeout=5).json()["state"] == "running", 120)
     os.kill(trainer_pids(server)[-1], signal.SIGKILL)
     assert wait_until(lambda: requests.get(status, headers=AUTH, timeout=5).json()["state"] == "failed", 90)
-    assert len(ReviewQueue(Registry(registry_copy.root)).labelled()[1]) == 40
+    assert len(ReviewQueue(Registry(registry_copy.root)).labelled_items()) == 40
     again = review(server.url, "/finetune", "POST", json={"epochs": 1})
     assert again.status_code == 202 and re.search(r"\b40 reviewed", again.json()["message"]), again.text
     requests.delete(f"{server.url}{again.json()['status_url']}", headers=AUTH, timeout=10)

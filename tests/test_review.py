@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.finetune_options import FinetuneOptions
 from model.registry import Registry
 from service.finetune.feedback_store import FeedbackStore
+from service.finetune.jobs import JobState
 from service.loop.capture import Rules, Tap
-from service.loop.review import Capture, ReviewError, ReviewQueue
+from service.loop.review import Capture, ReviewError, ReviewQueue, new_item_id
 from service.loop.traffic import TrafficRing
 
 
@@ -26,6 +28,20 @@ def capture(value: int, confidence: float = 0.5) -> Capture:
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry")
+
+
+def queued_job(queue: ReviewQueue):
+    """A ``create_job`` for ``take_for_job`` that queues a real job record."""
+    def create(job_id: str, images: np.ndarray, labels: np.ndarray) -> None:
+        queue.jobs.create(images, labels, FinetuneOptions(epochs=1), "review", max_pending=100, job_id=job_id)
+    return create
+
+
+def labelled(queue: ReviewQueue, values: list[int]) -> None:
+    queue.add([capture(v) for v in values])
+    token, _, items = queue.lease("a", len(values))
+    for item in items:
+        queue.label(item.item_id, token, item.prediction)
 
 
 def test_items_keep_what_the_model_saw(registry: Registry) -> None:
@@ -50,9 +66,8 @@ def test_two_reviewers_never_get_the_same_item_and_a_label_is_given_once(registr
     with pytest.raises(ReviewError) as twice:
         queue.label(first[0].item_id, token_a, 8)
     assert twice.value.code == "already_labelled"
-    images, labels = ReviewQueue(registry).labelled()
-    assert images.dtype == np.uint8 and images.shape == (1, 28, 28) and labels.tolist() == [7]
-    assert labels.dtype == np.int64
+    [item] = ReviewQueue(registry).labelled_items()
+    assert item.image.dtype == np.uint8 and item.image.shape == (28, 28) and item.state.label == 7
 
 
 def test_an_expired_lease_goes_to_the_next_reviewer(registry: Registry) -> None:
@@ -112,6 +127,10 @@ def test_feedback_corrections_are_reviewed_like_captures(registry: Registry) -> 
     assert item.source == "feedback" and item.suggested == 9 and item.prediction is None
     queue.discard(item.item_id, token)
     assert queue.lease("a", 5)[2] == []  # a discarded correction is not imported again
+    for path in registry.feedback_paths():
+        path.unlink()  # the operator empties feedback/: the tombstone goes with the next import
+    queue.import_feedback()
+    assert registry.review_state_ids() == set()
 
 
 def test_take_for_job_uses_each_label_once(registry: Registry) -> None:
@@ -121,12 +140,45 @@ def test_take_for_job_uses_each_label_once(registry: Registry) -> None:
     for item in items[:2]:
         queue.label(item.item_id, token, 4)
     seen = []
-    job_id, n = queue.take_for_job(lambda job, images, labels: seen.append((job, images.shape, labels.tolist())))
+
+    def create(job: str, images: np.ndarray, labels: np.ndarray) -> None:
+        seen.append((job, images.shape, labels.tolist()))
+        queued_job(queue)(job, images, labels)
+
+    job_id, n = queue.take_for_job(create, limit=100)
     assert n == 2 and seen == [(job_id, (2, 28, 28), [4, 4])]
     with pytest.raises(ReviewError) as none_left:
-        queue.take_for_job(lambda *_: None)
+        queue.take_for_job(queued_job(queue), limit=100)
     assert none_left.value.code == "nothing_reviewed"
-    assert len(queue.labelled()[1]) == 2  # used labels stay
+    assert len(queue.labelled_items()) == 2  # used labels stay
+
+
+def test_a_job_takes_at_most_its_limit_and_the_rest_wait(registry: Registry) -> None:
+    queue = ReviewQueue(registry)
+    labelled(queue, [1, 2, 3])
+    assert queue.take_for_job(queued_job(queue), limit=2)[1] == 2
+    assert queue.take_for_job(queued_job(queue), limit=2)[1] == 1
+
+
+def test_a_full_queue_makes_room_with_labels_a_finished_job_trained_on_never_others(registry: Registry) -> None:
+    queue = ReviewQueue(registry, max_items=2)
+    labelled(queue, [1, 2])
+    assert queue.add([capture(3)]) == 0  # only labels no job has used: the capture is dropped
+    job_id, _ = queue.take_for_job(queued_job(queue), limit=100)
+    assert queue.add([capture(3)]) == 0  # a queued job holds them
+    record = queue.jobs.get(job_id)
+    record.state = JobState.SUCCEEDED
+    queue.jobs.save(record)
+    assert queue.add([capture(3), capture(4)]) == 2  # done with: they make room, oldest first
+    assert sorted(item.prediction for item in queue.items()) == [3, 4]
+
+
+def test_ids_follow_arrival_even_when_the_clock_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = new_item_id()
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    monkeypatch.setattr(time, "time_ns", lambda: an_hour_ago)
+    second, third = new_item_id(), new_item_id()  # at once: no waiting for the clock to catch up
+    assert first < second < third
 
 
 def test_traffic_ring_is_bounded_and_returns_the_newest(registry: Registry) -> None:
@@ -177,9 +229,13 @@ def test_labels_of_a_job_that_ended_without_training_are_offered_again(registry:
     queue.add([capture(1)])
     token, _, [item] = queue.lease("a", 1)
     queue.label(item.item_id, token, 1)
-    killed, _ = queue.take_for_job(lambda *_: None)
-    _, n = queue.take_for_job(lambda *_: None, ended_without_training=lambda job: job == killed)
+    queue.take_for_job(lambda *_: None, limit=100)  # marked, then killed before the job was made
+    _, n = queue.take_for_job(queued_job(queue), limit=100)
     assert n == 1
+    record = queue.jobs.all()[0]
+    record.state = JobState.FAILED
+    queue.jobs.save(record)
+    assert queue.take_for_job(queued_job(queue), limit=100)[1] == 1  # a failed job gives them back
 
 
 def test_a_job_that_could_not_be_made_leaves_its_labels_unused(registry: Registry) -> None:
@@ -192,7 +248,7 @@ def test_a_job_that_could_not_be_made_leaves_its_labels_unused(registry: Registr
         raise RuntimeError("queue full")
 
     with pytest.raises(RuntimeError):
-        queue.take_for_job(full)
+        queue.take_for_job(full, limit=100)
     assert queue.labelled_items()[0].state.job_id is None
 
 
@@ -221,4 +277,4 @@ def test_processes_sharing_the_registry_never_get_the_same_item(registry: Regist
         worker.join(30)
     every = [item_id for ids in got for item_id in ids]
     assert len(every) == len(set(every)) == 60
-    assert len(ReviewQueue(registry).labelled()[1]) == 60
+    assert len(ReviewQueue(registry).labelled_items()) == 60

@@ -53,6 +53,9 @@ class CanaryArm:
         """Follow the CANARY pointer; True when it changed. Never raises: a load failure is
         logged and kept (the canary is not served here) until the pointer changes again; an
         unreadable pointer is retried at the next poll."""
+        if self.state is not None and self.state.version == live_version:
+            self.state = None  # promoted (or activated): it is the live version now, served once
+            return True
         try:
             marker = self.registry.canary_marker()
             if marker == self.marker:

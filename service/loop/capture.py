@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.registry import Registry
+from model.registry import open_registry
 from service import metrics
 from service.inference.predictor import Prediction, Predictor
 from service.loop.review import Capture, ReviewQueue
 from service.loop.traffic import TrafficRing
-from service.settings import Settings
+from service.settings import Settings, default_of
 
 log = logging.getLogger("digits.capture")
 BATCH_ITEMS = 512  # predictions written per batch at most
@@ -38,11 +38,13 @@ ORIGINAL: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("digits_
 
 @dataclass(frozen=True)
 class Rules:
-    enabled: bool = True
-    threshold: float = 0.8
-    sample: float = 0.01
-    keep_original: bool = False
-    traffic_every: int = 1
+    """What the tap keeps (the settings' ``review_*`` and ``traffic_every``, their defaults too)."""
+
+    enabled: bool = default_of("review_capture")
+    threshold: float = default_of("review_threshold")
+    sample: float = default_of("review_sample")
+    keep_original: bool = default_of("review_keep_original")
+    traffic_every: int = default_of("traffic_every")
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:
@@ -164,14 +166,17 @@ class TappedPredictor:
 
     async def predict(self, pixels: np.ndarray, pin: str | None = None) -> Prediction:
         prediction = await self.inner.predict(pixels, pin)
-        self.tap.observe(pixels, prediction.probabilities, prediction.model_version, ORIGINAL.get())
+        original = ORIGINAL.get() if self.tap.rules.keep_original else None  # never held for nothing
+        self.tap.observe(pixels, prediction.probabilities, prediction.model_version, original)
         return prediction
 
 
 def tap_for(settings: Settings) -> Tap:
     """This API server's tap on the settings' registry (started)."""
-    registry = Registry(settings.registry)
+    registry = open_registry(settings.registry)
     review = ReviewQueue(registry, settings.review_max_items, settings.review_max_bytes,
                          settings.review_lease_seconds)
-    return Tap(review, TrafficRing(registry, settings.traffic_ring_size), Rules.of(settings),
-               settings.capture_queue_size).start()
+    ring = TrafficRing(registry, settings.traffic_ring_size)
+    review.remove_stale_temporaries()
+    ring.remove_stale_temporaries()
+    return Tap(review, ring, Rules.of(settings), settings.capture_queue_size).start()

@@ -37,13 +37,15 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from model.atomic import atomic_write_bytes
+from model.atomic import atomic_write_bytes, remove_stale_temporaries
 from model.registry import RECORD_ID_PATTERN, Registry, new_record_id
 from service.finetune.feedback_store import read_sample
+from service.finetune.jobs import JobState, JobStore
+from service.settings import default_of
 
-DEFAULT_MAX_ITEMS = 5000
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_LEASE_SECONDS = 300.0
+DEFAULT_MAX_ITEMS: int = default_of("review_max_items")
+DEFAULT_MAX_BYTES: int = default_of("review_max_bytes")
+DEFAULT_LEASE_SECONDS: float = default_of("review_lease_seconds")
 
 
 class Source(StrEnum):
@@ -109,15 +111,16 @@ _last_id = ""
 
 
 def new_item_id() -> str:
-    """A record id (creation second + 8 hex digits) whose hex part is the nanosecond within
-    that second, so that the queue's order by id is its order of arrival."""
+    """A record id (creation second in UTC + 8 hex digits) whose hex part is the nanosecond
+    within that second, so that the queue's order by id is its order of arrival. Never waits for
+    the clock: an id not after this process's last one (the clock stepped back) follows it."""
     global _last_id
-    while True:
-        now = time.time_ns()
-        item_id = time.strftime("%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000)) + f"{now % 1_000_000_000:08x}"
-        if item_id > _last_id:
-            _last_id = item_id
-            return item_id
+    now = time.time_ns()
+    item_id = time.strftime("%Y%m%d%H%M%S", time.gmtime(now // 1_000_000_000)) + f"{now % 1_000_000_000:08x}"
+    if item_id <= _last_id:
+        item_id = _last_id[:14] + f"{int(_last_id[14:], 16) + 1:08x}"
+    _last_id = item_id
+    return item_id
 
 
 def encode_item(image: np.ndarray, meta: dict[str, object], original: bytes | None) -> bytes:
@@ -130,8 +133,22 @@ def encode_item(image: np.ndarray, meta: dict[str, object], original: bytes | No
 class ReviewQueue:
     def __init__(self, registry: Registry, max_items: int = DEFAULT_MAX_ITEMS, max_bytes: int = DEFAULT_MAX_BYTES,
                  lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
-        self.registry = registry
+        self.registry, self.jobs = registry, JobStore(registry)
         self.max_items, self.max_bytes, self.lease_seconds = max_items, max_bytes, lease_seconds
+
+    def remove_stale_temporaries(self) -> None:
+        """What a writer killed mid-write left (once per process start is enough)."""
+        for directory in (self.registry.review_item_path("x").parent, self.registry.review_state_path("x").parent):
+            remove_stale_temporaries(directory)
+
+    def _job_state(self, job_id: str, known: dict[str, JobState | None]) -> JobState | None:
+        """The state of the job that took a label (None: its record is gone), read once per call."""
+        if job_id not in known:
+            try:
+                known[job_id] = self.jobs.get(job_id).state
+            except KeyError:
+                known[job_id] = None
+        return known[job_id]
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -158,9 +175,7 @@ class ReviewQueue:
         ids = self.registry.review_item_ids()
         sizes = {item_id: self._size(item_id) for item_id in ids}
         count, used = len(ids), sum(sizes.values())
-        states = self.registry.review_state_ids()
-        now = time.time()
-        evictable = iter([i for i in ids if i not in states or self._evictable(self._state(i), now)])
+        evictable = self._evictable(ids, self.registry.review_state_ids())
         stored = 0
         for item_id, data in encoded:
             while count + 1 > self.max_items or used + len(data) > self.max_bytes:
@@ -173,9 +188,21 @@ class ReviewQueue:
             count, used, stored = count + 1, used + len(data), stored + 1
         return stored
 
-    @staticmethod
-    def _evictable(state: State, now: float) -> bool:
-        return state.label is None and not state.leased(now)
+    def _evictable(self, ids: list[str], states: set[str]) -> Iterator[str]:
+        """Items that may make room, in this order: the oldest nobody has labelled or leased, then
+        the oldest labels a job has trained on (it succeeded or was rejected: done with them).
+        A label no job has used, or one a queued or running job holds, is never evicted."""
+        now, known = time.time(), {}
+        labelled = []
+        for item_id in ids:
+            state = self._state(item_id) if item_id in states else State()
+            if state.label is None and not state.leased(now):
+                yield item_id
+            elif state.label is not None and state.job_id is not None:
+                labelled.append((item_id, state.job_id))
+        for item_id, job_id in labelled:
+            if self._job_state(job_id, known) in (JobState.SUCCEEDED, JobState.REJECTED):
+                yield item_id
 
     def _size(self, item_id: str) -> int:
         try:
@@ -186,8 +213,12 @@ class ReviewQueue:
     def import_feedback(self) -> int:
         """Bring /feedback corrections not seen yet into the queue; how many came."""
         with self._locked():
-            known = set(self.registry.review_item_ids()) | self.registry.review_state_ids()
-            fresh = [p for p in self.registry.feedback_paths() if p.stem not in known]
+            items, states = set(self.registry.review_item_ids()), self.registry.review_state_ids()
+            feedback = self.registry.feedback_paths()
+            for gone in states - items - {p.stem for p in feedback}:  # tombstones of corrections no longer stored
+                self.registry.review_state_path(gone).unlink(missing_ok=True)
+            known = items | states
+            fresh = [p for p in feedback if p.stem not in known]
             encoded = []
             for path in fresh:
                 try:
@@ -229,7 +260,10 @@ class ReviewQueue:
         return item
 
     def original(self, item_id: str) -> bytes | None:
-        tensors, _ = load_item(self.registry.review_item_path(self.get(item_id).item_id))
+        try:
+            tensors, _ = load_item(self.registry.review_item_path(self._check_id(item_id)))
+        except FileNotFoundError:
+            raise ReviewError("unknown_item", f"no review item {item_id!r}") from None
         return tensors["original"].tobytes() if "original" in tensors else None
 
     def items(self, status: str = "all", limit: int = 100) -> list[ReviewItem]:
@@ -259,13 +293,8 @@ class ReviewQueue:
             counts["used"] += state.job_id is not None
         return counts
 
-    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
-        """Reviewed items and their labels: uint8 [n,28,28], int64 [n], oldest first."""
-        items = self.labelled_items()
-        images = np.asarray([item.image for item in items], dtype=np.uint8).reshape(-1, 28, 28)
-        return images, np.asarray([item.state.label for item in items], dtype=np.int64)
-
     def labelled_items(self) -> list[ReviewItem]:
+        """Reviewed items with their labels, oldest first."""
         items = []
         for item_id in sorted(self.registry.review_state_ids()):
             state = self._state(item_id)
@@ -344,17 +373,20 @@ class ReviewQueue:
             self.registry.review_state_path(item_id).unlink(missing_ok=True)
         self.registry.review_item_path(item_id).unlink(missing_ok=True)
 
-    def take_for_job(self, create_job: Callable[[str, np.ndarray, np.ndarray], None],
-                     ended_without_training: Callable[[str], bool] = lambda job_id: False) -> tuple[str, int]:
-        """Hand every labelled item no job has trained on to ``create_job(job id, images, labels)``,
-        in one step under the lock (two operators pressing "fine-tune" at once cannot train on the
-        same labels twice): (job id, items). The items are marked with the new job's id first, then
-        the job is made: a process killed between the two leaves marks of a job that does not
-        exist, which ``ended_without_training`` (also true for failed and cancelled jobs) offers
-        again, so no label is lost and none is trained on twice. ReviewError when there is none."""
+    def take_for_job(self, create_job: Callable[[str, np.ndarray, np.ndarray], None], limit: int) -> tuple[str, int]:
+        """Hand the oldest ``limit`` labelled items no job has trained on to ``create_job(job id,
+        images, labels)`` (the rest wait for the next job), in one step under the lock (two
+        operators pressing "fine-tune" at once cannot train on the same labels twice): (job id,
+        items). The items are marked with the new job's id first, then the job is made: a process
+        killed between the two leaves marks of a job that does not exist, which (like the marks of
+        a failed or cancelled job) are offered again, so no label is lost and none is trained on
+        twice. ReviewError when there is none."""
         with self._locked():
+            known: dict[str, JobState | None] = {}
             items = [item for item in self.labelled_items()
-                     if item.state.job_id is None or ended_without_training(item.state.job_id)]
+                     if item.state.job_id is None
+                     or self._job_state(item.state.job_id, known) in (None, JobState.FAILED, JobState.CANCELLED)]
+            items = items[:limit]
             if not items:
                 raise ReviewError("nothing_reviewed", "no labelled review item is left that no job has trained on")
             job_id, previous = new_record_id(), [item.state.job_id for item in items]

@@ -1,7 +1,7 @@
 """Shadow evaluation: a fine-tune candidate replayed beside the live model before promotion.
 
 On the ring of recent inputs (``TrafficRing.recent``, unlabelled): how often the two agree and
-how the mean confidence shifts. On reviewed items (``ReviewQueue.labelled``, labelled by
+how the mean confidence shifts. On reviewed items (``ReviewQueue.labelled_items``, labelled by
 people), minus those the job itself trained on: the accuracy of both and the exact one-sided
 McNemar p-value that the candidate is worse (``model.finetune.worse_p_value``, the gate's own
 test). The gate rejects a candidate worse there at ``review_alpha``; with no reviewed items

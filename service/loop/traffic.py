@@ -11,10 +11,11 @@ import numpy as np
 from filelock import FileLock
 from safetensors.numpy import load_file, save_file
 
-from model.atomic import atomic_file
+from model.atomic import atomic_file, remove_stale_temporaries
 from model.registry import Registry
+from service.settings import default_of
 
-DEFAULT_SIZE = 2000
+DEFAULT_SIZE: int = default_of("traffic_ring_size")
 
 
 class TrafficRing:
@@ -36,6 +37,10 @@ class TrafficRing:
                     break
                 path.unlink(missing_ok=True)
                 total -= count
+
+    def remove_stale_temporaries(self) -> None:
+        """What a writer killed mid-write left (once per process start is enough)."""
+        remove_stale_temporaries(self.registry.traffic_chunk_path(1).parent)
 
     def recent(self, limit: int) -> np.ndarray:
         """The newest ``limit`` digits (at most the ring's size), oldest first: uint8 [n,28,28]."""

@@ -98,6 +98,9 @@ async def samples_from_form(form: Form, settings: Settings) -> Named:
 def samples_from_json(payload: FinetuneJSON) -> Named | None:
     """The inline samples, or None for ``source: feedback`` and ``source: review``."""
     if payload.source in ("feedback", "review"):
+        if payload.samples:
+            raise ClientError(422, "samples_with_source",
+                              f"'samples' and 'source': '{payload.source}' exclude each other: send one of them")
         return None
     if not payload.samples:
         raise ClientError(422, "missing_samples", "send 'samples': [{image, label}, ...] or 'source': 'feedback'")

@@ -96,12 +96,12 @@ async def start(version: Version, body: CanaryRequest, request: Request, registr
         await asyncio.to_thread(registry.start_canary, version, body.percent)
     except RegistryError as exc:
         raise ClientError(409, "already_active", str(exc)) from None
-    return status(request, registry, settings)
+    return await asyncio.to_thread(status, request, registry, settings)  # file reads: off the loop
 
 
 @router.get("/canary", response_model=CanaryStatus, summary="The canary rollout, and live and canary compared")
 async def get_canary(request: Request, registry: RegistryDep, settings: SettingsDep) -> CanaryStatus:
-    return status(request, registry, settings)
+    return await asyncio.to_thread(status, request, registry, settings)  # file reads: off the loop
 
 
 @router.post("/canary/promote", response_model=ActivateResponse,

@@ -31,6 +31,7 @@ from service.settings import settings_of
 
 log = logging.getLogger("digits.predict")
 PATH = "/predict"
+PIN_HEADER_BYTES = PIN_HEADER.lower().encode()
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -81,7 +82,7 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await receive_body(receive))
             pixels = await digit_from_bytes_async(data, settings_of(self.app).max_pixels)
-            pin = check_pin(open_registry(settings_of(self.app).registry), header(scope, PIN_HEADER.encode()))
+            pin = check_pin(open_registry(settings_of(self.app).registry), header(scope, PIN_HEADER_BYTES))
             ORIGINAL.set(data)  # for the capture tap, which keeps it only with DIGITS_REVIEW_KEEP_ORIGINAL
             prediction = await predictor_of(self.app).predict(pixels[None], pin)
             status = 200

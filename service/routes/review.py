@@ -223,14 +223,8 @@ async def finetune_on_reviewed(queue: ReviewQueue, jobs: JobStore, options: Fine
         nonlocal ahead
         _, ahead = jobs.create(images, labels, options, "review", settings.finetune_max_queued, job_id)
 
-    def ended_without_training(job_id: str) -> bool:
-        try:
-            return jobs.get(job_id).state in (JobState.FAILED, JobState.CANCELLED)
-        except KeyError:
-            return True  # its record is gone: nothing trained on these labels
-
     try:
-        job_id, count = await asyncio.to_thread(queue.take_for_job, create, ended_without_training)
+        job_id, count = await asyncio.to_thread(queue.take_for_job, create, settings.finetune_max_samples)
     except ReviewError as error:
         raise refused(error) from None
     except QueueFull as full:
