@@ -13,10 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from devtools.processes import ROOT, Child, free_port, is_up
+from devtools.processes import Child, free_port, is_up
 from model.registry import Registry
-
-__all__ = ["ROOT", "ServerProcess", "free_port", "is_up", "peer", "private_registry", "service", "settings_env"]
 
 
 def private_registry(source: Path, target: Path, version: str | None = None) -> Path:

@@ -35,7 +35,8 @@ from pathlib import Path
 import requests
 
 import loadtest.hey
-from devtools.serverctl import ROOT, peer, private_registry, service
+from devtools.processes import ROOT
+from devtools.serverctl import peer, private_registry, service
 from loadtest import v2_bench
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.preprocess import encode_png

@@ -48,7 +48,8 @@ import psutil
 import requests
 
 import loadtest.hey
-from devtools.serverctl import ROOT, ServerProcess, free_port, private_registry, running, service
+from devtools.processes import ROOT, free_port
+from devtools.serverctl import ServerProcess, private_registry, running, service
 from model.data import IDX_FILES, raw_dir, read_idx
 from model.onnx_serving import INPUT_NAME, OUTPUT_NAME, ensure_onnx, ort_session
 from model.registry import Registry

@@ -7,6 +7,7 @@ use them read-only and give each test that changes state its own registry copy.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import zipfile
@@ -67,6 +68,19 @@ def registry_copy(base_registry: Registry, tmp_path: Path) -> Registry:
 
 def png_of(pixels: torch.Tensor | np.ndarray) -> bytes:
     return encode_png(np.asarray(pixels, dtype=np.uint8))
+
+
+def large_png(pixels: torch.Tensor | np.ndarray) -> bytes:
+    """A 2,800 x 2,800 scan of a digit: decoded in the API server's background decoder process."""
+    return png_of(np.kron(np.asarray(pixels, np.uint8), np.ones((100, 100), np.uint8)))
+
+
+def access_line(server: ServerProcess, request_id: str) -> dict | None:
+    """The server's access-log line of one request (its JSON), or None."""
+    for line in server.log().splitlines():
+        if line.startswith("{") and f'"request_id":"{request_id}"' in line and '"digits.access"' in line:
+            return json.loads(line)
+    return None
 
 
 def zip_of(members: dict[str, bytes]) -> bytes:

@@ -21,7 +21,16 @@ import pytest
 import requests
 
 from devtools.serverctl import ServerProcess
-from tests.conftest import copy_registry, png_of, post_png, service_process, still_running, wait_until
+from tests.conftest import (
+    access_line,
+    copy_registry,
+    large_png,
+    png_of,
+    post_png,
+    service_process,
+    still_running,
+    wait_until,
+)
 from tests.faults import poison_png
 
 
@@ -303,18 +312,6 @@ def test_a_request_left_waiting_past_the_timeout_gets_504(start_server, registry
                           trainer_enabled="false")
     response = post_png(server.url, png_of(mnist_test[0][0]))
     assert response.status_code == 504 and response.json()["error"] == "timeout"
-
-
-def large_png(pixels) -> bytes:
-    """A 3000 x 3000 scan of an MNIST digit: decoded in the API server's background decoder process."""
-    return png_of(np.kron(np.asarray(pixels, np.uint8), np.ones((108, 108), np.uint8))[:3000, :3000])
-
-
-def access_line(server: ServerProcess, request_id: str) -> dict | None:
-    for line in server.log().splitlines():
-        if line.startswith("{") and f'"request_id":"{request_id}"' in line and '"digits.access"' in line:
-            return json.loads(line)
-    return None
 
 
 def test_a_client_leaving_mid_body_counts_as_499(server: ServerProcess) -> None:

@@ -32,7 +32,9 @@ from service.v2.errors import MAX_MESSAGE_CHARS, ProtocolError
 from tests.conftest import (
     ROOT,
     ServerProcess,
+    access_line,
     copy_registry,
+    large_png,
     png_of,
     post_png,
     service_process,
@@ -476,18 +478,6 @@ def test_malformed_protobuf_gets_invalid_argument(server) -> None:
             assert "not a valid protobuf message" in caught.value.details(), (method, name)
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
         assert service_pb2.ServerLiveResponse.FromString(live).live  # a well-formed call still works
-
-
-def large_png(pixels: np.ndarray) -> bytes:
-    """A 2,800 x 2,800 scan of a digit: decoded in the API server's background decoder process."""
-    return png_of(np.kron(pixels, np.ones((100, 100), np.uint8)))
-
-
-def access_line(server: ServerProcess, request_id: str) -> dict | None:
-    for line in server.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{") and f'"request_id":"{request_id}"' in line and '"digits.access"' in line:
-            return json.loads(line)
-    return None
 
 
 def test_an_abandoned_request_stops_its_work(server, digits_batch) -> None:

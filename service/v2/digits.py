@@ -14,10 +14,12 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI
 
 from model.registry import open_registry
 from service.http.errors import echo
 from service.http.inputs import digit_from_bytes_async
+from service.inference import readiness
 from service.inference.predictor import Prediction, Predictor
 from service.settings import Settings
 from service.v2.errors import ProtocolError, as_protocol_error, bad_request
@@ -57,6 +59,11 @@ def max_batch(settings: Settings) -> int:
 @functools.cache
 def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=package_version("digit-service"), extensions=EXTENSIONS)
+
+
+def metadata_for(app: FastAPI, served: str) -> ModelMetadata:
+    """The model's metadata: the versions its holders serve now (``served`` before any has said)."""
+    return model_metadata(readiness.report(app)["serving_versions"] or [served])
 
 
 def model_metadata(serving_versions: list[str]) -> ModelMetadata:

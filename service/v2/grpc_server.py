@@ -129,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @answers_errors
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         served = self.served_version(request.name, request.version)
-        meta = digits.model_metadata(readiness.report(self.app)["serving_versions"] or [served])
+        meta = digits.metadata_for(self.app, served)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from service.http.errors import CLIENT_CLOSED_REQUEST, echo
 from service.inference import readiness
 from service.inference.predictor import predictor_of
-from service.settings import Settings
+from service.settings import Settings, settings_of
 from service.v2 import digits, tensors
 from service.v2.errors import ProtocolError, bad_request
 from service.v2.schemas import (
@@ -45,17 +45,13 @@ def protocol_error(_: Request, exc: ProtocolError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status_code)
 
 
-def settings_of(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 def served_version(request: Request, model_name: str, version: str = "") -> str:
-    return digits.served_version(predictor_of(request.app), settings_of(request).registry, model_name, version)
+    return digits.served_version(predictor_of(request.app), settings_of(request.app).registry, model_name, version)
 
 
 def metadata_of(request: Request, model_name: str, version: str = "") -> ModelMetadata:
     served = served_version(request, model_name, version)
-    return digits.model_metadata(readiness.report(request.app)["serving_versions"] or [served])
+    return digits.metadata_for(request.app, served)
 
 
 def readiness_of(request: Request) -> JSONResponse:
@@ -106,7 +102,7 @@ async def version_ready(request: Request, model_name: str, version: str) -> JSON
 @router.get("/models/{model_name}/config", summary="Model configuration (Triton's shape)")
 async def model_config(request: Request, model_name: str) -> dict:
     digits.check_model(model_name)
-    return digits.model_config(settings_of(request))
+    return digits.model_config(settings_of(request.app))
 
 
 INFER_DOC = {
@@ -219,7 +215,7 @@ async def run_inference(request: Request) -> Response:
 
 
 async def answer(request: Request, body: bytes) -> Response:
-    settings = settings_of(request)
+    settings = settings_of(request.app)
     header, binary = tensors.split_body(body, request.headers.get(tensors.HEADER_LENGTH))
     payload = parse_request(header)
     spec, batch = digits.check_input(
