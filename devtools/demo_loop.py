@@ -163,8 +163,9 @@ def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 600
     sent, (eval_pngs, eval_labels) = style_sets(data_dir, traffic, evaluate, mnist_share)
     truth = {fingerprint(prepare_digit(png)): label for png, label in sent}
     registry = private_registry(source_registry, workdir / "registry")
+    # the demo sends in seconds what traffic would bring in minutes: no capture rate bound here
     server = ServerProcess(env=settings_env(registry=registry, data_dir=data_dir, runtime="onnx", api_servers=1,
-                                            admin_token=TOKEN, log_level="warning"))
+                                            admin_token=TOKEN, log_level="warning", review_max_per_second=100_000))
     server.start(workdir, wait_ready=120)
     try:
         client = Client(server.url)

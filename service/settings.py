@@ -111,12 +111,15 @@ class Settings(BaseSettings):
         True, description="keep inputs of served predictions (review queue, traffic ring); false: keep none")
     review_threshold: float = Field(
         0.8, ge=0, le=1, description="predictions less confident than this go to the review queue")
-    review_sample: float = Field(0.01, ge=0, le=1, description="share of all other predictions also queued")
+    review_sample: float = Field(0.001, ge=0, le=1, description="share of all other predictions also queued")
     review_keep_original: bool = Field(
         False, description="also keep the uploaded image of a captured /predict request (not only its 28x28)")
     review_max_items: int = Field(
         5000, ge=1, le=1_000_000, description="items in the review queue; when full the oldest unlabelled go")
     review_max_bytes: int = Field(64 * MiB, ge=64 * 1024, description="bytes of the review queue (as above)")
+    review_max_per_second: float = Field(
+        20.0, gt=0, le=100_000, description="captures an API server writes per second at most (a burst of a "
+        "second's worth); beyond it they are dropped (counted): a flood of unsure traffic costs the server little")
     review_lease_seconds: float = Field(
         300.0, gt=0, le=86_400, description="how long a reviewer holds leased items before others may get them")
     traffic_ring_size: int = Field(

@@ -31,7 +31,8 @@ def selected(page) -> tuple[str, np.ndarray]:
 
 def test_label_in_the_console_fine_tune_and_promote(browser, start_server, registry_copy,  # noqa: F811
                                                     mnist_test) -> None:
-    server = start_server(registry_copy.root, admin_token=TOKEN, review_sample="0")
+    server = start_server(registry_copy.root, admin_token=TOKEN, review_sample="0",
+                          review_max_per_second="100000")
     images, labels = (t.numpy() for t in mnist_test)
     sent = [(struck(images[i]), int(labels[i])) for i in range(100)]
     truth = {fingerprint(prepare_digit(png)): label for png, label in sent}

@@ -48,7 +48,8 @@ def review(url: str, path: str = "", method: str = "GET", timeout: float = 30, *
 
 def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_server, registry_copy,
                                                                          mnist_test) -> None:
-    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_sample="0",
+    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN,
+                          review_sample="0", review_max_per_second="100000",
                           traffic_every="2")
     images, labels = (t.numpy() for t in mnist_test)
     pngs = [demo_loop.struck(images[i]) for i in range(30)] + [png_of(images[i]) for i in range(30, 60)]
@@ -126,7 +127,8 @@ def test_capture_off_keeps_no_input(start_server, registry_copy, mnist_test) -> 
 
 
 def test_the_upload_is_kept_only_when_asked(start_server, registry_copy, mnist_test) -> None:
-    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_sample="1",
+    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN,
+                          review_sample="1", review_max_per_second="100000",
                           review_keep_original="true")
     png = demo_loop.struck(mnist_test[0].numpy()[0])
     send_traffic(server.url, [png])
@@ -142,7 +144,8 @@ def api_server_pid(server) -> int:
 
 def test_kill9_of_an_api_server_mid_labelling_loses_no_label_and_gives_none_twice(start_server, registry_copy,
                                                                                    mnist_test) -> None:
-    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN, review_sample="1")
+    server = start_server(registry_copy.root, trainer_enabled="false", admin_token=TOKEN,
+                          review_sample="1", review_max_per_second="100000")
     images = mnist_test[0].numpy()
     send_traffic(server.url, [png_of(images[i]) for i in range(120)])
     assert wait_until(lambda: review(server.url).json()["items"] == 120, 15)
@@ -199,7 +202,8 @@ def _serves_with_new_pid(server, old_pid: int) -> bool:
 
 
 def test_kill9_of_the_trainer_mid_job_keeps_the_reviewed_labels(start_server, registry_copy, mnist_test) -> None:
-    server = start_server(registry_copy.root, admin_token=TOKEN, review_sample="1")
+    server = start_server(registry_copy.root, admin_token=TOKEN,
+                          review_sample="1", review_max_per_second="100000")
     images = mnist_test[0].numpy()
     send_traffic(server.url, [png_of(images[i]) for i in range(40)])
     assert wait_until(lambda: review(server.url).json()["items"] == 40, 15)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from service.settings import Settings, default_of
 
 log = logging.getLogger("digits.capture")
 BATCH_ITEMS = 512  # predictions written per batch at most
-FLUSH_SECONDS = 0.25  # a batch waits at most this long to fill
+FLUSH_SECONDS = 0.25  # the thread writes what came in every this often
 # The upload of the current /predict request, set by its endpoint (kept only with DIGITS_REVIEW_KEEP_ORIGINAL).
 ORIGINAL: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("digits_original_upload", default=None)
 
@@ -45,11 +45,12 @@ class Rules:
     sample: float = default_of("review_sample")
     keep_original: bool = default_of("review_keep_original")
     traffic_every: int = default_of("traffic_every")
+    max_per_second: float = default_of("review_max_per_second")
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:
         return cls(settings.review_capture, settings.review_threshold, settings.review_sample,
-                   settings.review_keep_original, settings.traffic_every)
+                   settings.review_keep_original, settings.traffic_every, settings.review_max_per_second)
 
 
 @dataclass(frozen=True)
@@ -62,21 +63,28 @@ class Observed:
 
 
 class Tap:
+    """Answered batches go on a bounded deque (an append: no lock, no wake-up); a thread drains it
+    every FLUSH_SECONDS and writes in batches, so the tap costs the request path almost nothing
+    and the API server's event loop is not woken for it per request."""
+
     def __init__(self, review: ReviewQueue, ring: TrafficRing, rules: Rules, queue_size: int = 4096,
                  seed: int | None = None) -> None:
         self.review, self.ring, self.rules = review, ring, rules
-        self.pending: queue.Queue[Observed | None] = queue.Queue(maxsize=queue_size)
+        self.pending: deque[Observed] = deque()
+        self.queue_size = queue_size
         self.random = np.random.default_rng(seed)
         self.seen = 0  # predictions looked at by this tap (every Nth goes to the ring)
         self.thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.allowance, self.refilled = rules.max_per_second, time.monotonic()  # captures it may write now
 
     def observe(self, pixels: np.ndarray, probabilities: np.ndarray, version: str,
                 original: bytes | None = None) -> None:
         """Hand an answered batch to the thread; drop it (counted) rather than wait."""
-        try:
-            self.pending.put_nowait(Observed(pixels, probabilities, version, time.time(), original))
-        except queue.Full:
+        if len(self.pending) >= self.queue_size:
             metrics.review_dropped.labels("tap_full").inc(len(pixels))
+            return
+        self.pending.append(Observed(pixels, probabilities, version, time.time(), original))
 
     def start(self) -> Tap:
         self.thread = threading.Thread(target=self._run, name="digits-capture", daemon=True)
@@ -86,38 +94,29 @@ class Tap:
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the thread."""
         if self.thread is not None:
-            try:
-                self.pending.put(None, timeout=timeout)
-            except queue.Full:
-                return
+            self._stop.set()
             self.thread.join(timeout)
             self.thread = None
 
     def _run(self) -> None:
-        while True:
-            batch, stop = self._next_batch()
-            try:
-                self.write(batch)
-            except Exception:
-                log.exception("capture: could not write %d prediction(s)", len(batch))
-                metrics.review_dropped.labels("error").inc(sum(len(o.pixels) for o in batch))
-            if stop:
-                return
+        while not self._stop.wait(FLUSH_SECONDS):
+            self._drain()
+        self._drain()
 
-    def _next_batch(self) -> tuple[list[Observed], bool]:
-        first = self.pending.get()
-        if first is None:
-            return [], True
-        batch, deadline = [first], time.monotonic() + FLUSH_SECONDS
-        while sum(len(o.pixels) for o in batch) < BATCH_ITEMS:
-            try:
-                item = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+    def _drain(self) -> None:
+        """Write everything queued now, BATCH_ITEMS predictions at a time."""
+        batch: list[Observed] = []
+        predictions = 0
+        while self.pending:
+            batch.append(self.pending.popleft())  # only this thread takes from the left
+            predictions += len(batch[-1].pixels)
+            if predictions >= BATCH_ITEMS or not self.pending:
+                try:
+                    self.write(batch)
+                except Exception:
+                    log.exception("capture: could not write %d prediction(s)", len(batch))
+                    metrics.review_dropped.labels("error").inc(predictions)
+                batch, predictions = [], 0
 
     def write(self, batch: list[Observed]) -> None:
         """The metrics of a batch, then its captures and its share of the ring (vectorised: the
@@ -144,6 +143,7 @@ class Tap:
                                         float(confidences[index]), version, when,
                                         "low_confidence" if unsure[index] else "sample",
                                         upload if self.rules.keep_original else None))
+        captures = self._within_rate(captures)
         if captures:
             stored = self.review.add(captures)
             for capture in captures[:stored]:
@@ -152,6 +152,20 @@ class Tap:
                 metrics.review_dropped.labels("review_full").inc(len(captures) - stored)
         if traffic and sum(map(len, traffic)):
             self.ring.append(np.concatenate(traffic))
+
+
+    def _within_rate(self, captures: list[Capture]) -> list[Capture]:
+        """At most ``max_per_second`` captures a second (a token bucket of a second's worth): each
+        one is a file in the registry, and a reviewer labels a few a second at best."""
+        now = time.monotonic()
+        self.allowance = min(self.rules.max_per_second,
+                             self.allowance + (now - self.refilled) * self.rules.max_per_second)
+        self.refilled = now
+        kept = captures[:int(self.allowance)]
+        self.allowance -= len(kept)
+        if len(kept) < len(captures):
+            metrics.review_dropped.labels("rate").inc(len(captures) - len(kept))
+        return kept
 
 
 class TappedPredictor:

@@ -135,6 +135,7 @@ class ReviewQueue:
                  lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.registry, self.jobs = registry, JobStore(registry)
         self.max_items, self.max_bytes, self.lease_seconds = max_items, max_bytes, lease_seconds
+        self._sizes: dict[str, int] = {}  # item files never change: their sizes are read once
 
     def remove_stale_temporaries(self) -> None:
         """What a writer killed mid-write left (once per process start is enough)."""
@@ -173,7 +174,7 @@ class ReviewQueue:
 
     def _add_locked(self, encoded: list[tuple[str, bytes]]) -> int:
         ids = self.registry.review_item_ids()
-        sizes = {item_id: self._size(item_id) for item_id in ids}
+        sizes = self._sizes = {item_id: self._size(item_id) for item_id in ids}  # forgets the gone ones
         count, used = len(ids), sum(sizes.values())
         evictable = self._evictable(ids, self.registry.review_state_ids())
         stored = 0
@@ -185,6 +186,7 @@ class ReviewQueue:
                 self._remove(victim, tombstone=False)
                 count, used = count - 1, used - sizes[victim]
             atomic_write_bytes(self.registry.review_item_path(item_id), data, durable=False)
+            sizes[item_id] = len(data)
             count, used, stored = count + 1, used + len(data), stored + 1
         return stored
 
@@ -205,10 +207,12 @@ class ReviewQueue:
                 yield item_id
 
     def _size(self, item_id: str) -> int:
-        try:
-            return self.registry.review_item_path(item_id).stat().st_size
-        except FileNotFoundError:
-            return 0
+        if item_id not in self._sizes:
+            try:
+                self._sizes[item_id] = self.registry.review_item_path(item_id).stat().st_size
+            except FileNotFoundError:
+                return 0
+        return self._sizes[item_id]
 
     def import_feedback(self) -> int:
         """Bring /feedback corrections not seen yet into the queue; how many came."""
