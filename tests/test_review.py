@@ -278,3 +278,13 @@ def test_processes_sharing_the_registry_never_get_the_same_item(registry: Regist
     every = [item_id for ids in got for item_id in ids]
     assert len(every) == len(set(every)) == 60
     assert len(ReviewQueue(registry).labelled_items()) == 60
+
+
+def test_a_flood_of_unsure_predictions_writes_at_most_the_rate(registry: Registry) -> None:
+    review, ring = ReviewQueue(registry), TrafficRing(registry)
+    tap = Tap(review, ring, Rules(threshold=0.8, sample=0, max_per_second=5)).start()
+    started = time.monotonic()
+    tap.observe(np.stack([digit(v) for v in range(200)]), probabilities([0.5] * 200), "v0001")
+    tap.close()
+    allowed = 5 + 5 * (time.monotonic() - started)  # a second's worth, then the refill
+    assert 1 <= len(review.items(limit=1000)) <= allowed < 200
