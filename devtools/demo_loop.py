@@ -155,6 +155,10 @@ def style_sets(data_dir: Path, traffic: int, evaluate: int, mnist_share: float, 
     return sent, ([struck(images[i]) for i in held], labels[EVALUATE_FROM:EVALUATE_FROM + evaluate])
 
 
+# Twice as much replayed MNIST as reviewed digits: with the default (as much), the struck style learnt
+# alone cost the tall slice a few points, at the gate's edge (once in CI: 89.5 -> 86.75 %, rejected).
+DEMO_OPTIONS = {"replay_ratio": 2.0}
+
 def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 600, evaluate: int = 300,
         mnist_share: float = 0.25, log: Callable[[str], None] = print,
         finetune_options: dict | None = None) -> Figures:
@@ -176,7 +180,7 @@ def run(workdir: Path, data_dir: Path, source_registry: Path, traffic: int = 600
         log(f"{time.monotonic() - started:5.1f} s  {len(sent)} predictions sent; {captured} captured for review")
         labelled = review_all(client, truth)
         log(f"{time.monotonic() - started:5.1f} s  the reviewer labelled {labelled}")
-        response = client.post("/admin/review/finetune", finetune_options)
+        response = client.post("/admin/review/finetune", finetune_options or DEMO_OPTIONS)
         response.raise_for_status()
         job_id = response.json()["job_id"]
         job = wait_for(lambda: (j := client.get(f"/admin/jobs/{job_id}"))["state"] not in ("queued", "running")
