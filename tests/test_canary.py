@@ -200,6 +200,8 @@ def test_abort_under_load_fails_no_request(server, png) -> None:
         count = len(load.outcomes)
         assert wait_until(lambda: len(load.outcomes) > count + 100, 20)
     assert load.failures() == [], load.failures()[:5]
+    assert wait_until(lambda: requests.get(f"{server.url}/admin/canary", headers=AUTH, timeout=10)
+                      .json()["holders_with_canary"] == 0, 5)  # within a poll or so of the pointer's removal
     assert versions_of(server, png, 40) == {"v0001": 40}  # the holders dropped the canary
 
 
@@ -264,6 +266,8 @@ def test_batching_inference_workers_split_and_pin_too(start_server, registry, pn
             count = len(load.outcomes)
             assert wait_until(lambda: len(load.outcomes) > count + 100, 20)
         assert load.failures() == [], load.failures()[:5]
+        assert wait_until(lambda: requests.get(f"{server.url}/admin/canary", headers=AUTH, timeout=10)
+                          .json()["holders_with_canary"] == 0, 5)
         assert versions_of(server, png, 30) == {"v0001": 30}
     finally:
         requests.post(f"{server.url}/admin/canary/abort", headers=AUTH, timeout=10)

@@ -58,7 +58,8 @@ def test_unsure_predictions_are_captured_and_reviewed_through_the_routes(start_s
     assert 5 <= unsure < 60
     assert wait_until(lambda: review(server.url).json()["items"] == unsure, 10), review(server.url).json()
     assert metric_sum(server.url, "digits_review_captured_total", reason="low_confidence") == unsure
-    assert metric_sum(server.url, "digits_review_observed_total", version="v0001") == 60
+    # the tap writes what came every quarter second: the last predictions may be one drain behind the captures
+    assert wait_until(lambda: metric_sum(server.url, "digits_review_observed_total", version="v0001") == 60, 5)
     assert metric_sum(server.url, "digits_prediction_confidence_count", version="v0001") == 60
     assert len(TrafficRing(Registry(registry_copy.root))) == 30  # every 2nd input
 
