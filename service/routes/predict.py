@@ -82,7 +82,8 @@ class PredictEndpoint:
             explain = wants_explanation(scope.get("query_string", b""))
             data = image_bytes(header(scope, b"content-type") or "", await receive_body(receive))
             pixels = await digit_from_bytes_async(data, settings_of(self.app).max_pixels)
-            pin = check_pin(open_registry(settings_of(self.app).registry), header(scope, PIN_HEADER_BYTES))
+            pinned = header(scope, PIN_HEADER_BYTES)  # rare: the registry is read only for a pinned request
+            pin = check_pin(open_registry(settings_of(self.app).registry), pinned) if pinned else None
             ORIGINAL.set(data)  # for the capture tap, which keeps it only with DIGITS_REVIEW_KEEP_ORIGINAL
             prediction = await predictor_of(self.app).predict(pixels[None], pin)
             status = 200
