@@ -82,3 +82,20 @@ def test_a_failing_chunk_fails_the_batch_and_a_stalled_helper_does_not_hold_it(t
     finally:
         release.set()
     assert np.array_equal(got[:, 0], np.arange(64))  # every chunk, in order
+
+
+def test_the_caller_waits_for_a_chunk_a_helper_is_computing_rather_than_compute_it_twice(tmp_path) -> None:
+    share = CoreShare(tmp_path, 0, split_min=16, cores=2)
+    calls: list[int] = []
+
+    def slow(part: np.ndarray) -> np.ndarray:  # 5 ms a chunk: the caller's patience is twice its slowest
+        calls.append(threading.get_ident())
+        time.sleep(0.005)
+        return np.full((len(part), 10), part[:, 0, 0, None], dtype=np.float32)
+
+    pixels = np.arange(64, dtype=np.uint8)[:, None, None] * np.ones((64, 28, 28), np.uint8)
+    for _ in range(5):
+        calls.clear()
+        got = share.compute(pixels, slow)
+        assert np.array_equal(got[:, 0], np.arange(64))
+        assert len(calls) == 8 and len(set(calls)) == 2, calls  # 8 chunks of 8, each computed once
