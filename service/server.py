@@ -28,6 +28,7 @@ from service.loop import capture
 from service.routes import admin, canary, feedback, ops, predict, review
 from service.routes.predict import PredictEndpoint
 from service.settings import Settings
+from service.v2.rest import INFER_PATH, InferEndpoint
 
 log = logging.getLogger("digits.server")
 
@@ -35,16 +36,18 @@ ROLE_OF = {adapter.ProcessKind.INFERENCE_WORKER: "worker", adapter.ProcessKind.A
 
 
 class PredictShortcut:
-    """POST /predict goes straight to its endpoint; everything else through FastAPI."""
+    """POST /predict and V2 infer go straight to their endpoints; everything else through FastAPI."""
 
     def __init__(self, app: FastAPI) -> None:
-        self.app, self.predict = app, PredictEndpoint(app)
+        self.app, self.predict, self.infer = app, PredictEndpoint(app), InferEndpoint(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == predict.PATH and scope["method"] == "POST":
-            await self.predict(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            if scope["path"] == predict.PATH:
+                return await self.predict(scope, receive, send)
+            if path := INFER_PATH.fullmatch(scope["path"]):
+                return await self.infer(scope, receive, send, path)
+        await self.app(scope, receive, send)
 
 
 def edge(settings: Settings) -> Callable[[FastAPI], ASGIApp]:

@@ -262,6 +262,23 @@ def test_grpc_answers_equal_predict(server, grpc_client, digits_batch, predict_a
             assert_same_as_predict(probabilities, digit, predict_answers)
 
 
+def test_infer_skips_fastapi_but_answers_and_counts_the_same(server, digits_batch) -> None:
+    """V2 infer goes from the edge straight to its endpoint (service/v2/rest.py: InferEndpoint), as /predict
+    does: LitServe's gzip middleware, inside FastAPI, never sees it; metrics keep the routes' names."""
+    _, pixels, _ = digits_batch
+    body = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [16, 28, 28],
+                        "data": pixels[:16].reshape(-1).tolist()}]}  # a JSON answer well over gzip's 1000 bytes
+    for path in ("/v2/models/digits/infer", "/v2/models/digits/versions/v0001/infer"):
+        answer = requests.post(server.url + path, json=body, headers={"Accept-Encoding": "gzip"}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["model_version"] == "v0001", answer.text
+        assert "content-encoding" not in answer.headers and len(answer.content) > 1000
+    unknown = requests.post(server.url + "/v2/models/nope/infer", json=body, timeout=30)
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"], unknown.text
+    exposition = requests.get(f"{server.url}/metrics", timeout=10).text
+    for route in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{version}/infer"):
+        assert f'digits_http_requests_total{{method="POST",route="{route}",status="200"}}' in exposition, route
+
+
 def split_batches(server: ServerProcess, threads: int) -> float:
     """digits_split_batches_total{threads=...} summed over the API servers."""
     pattern = rf'^digits_split_batches_total{{threads="{threads}"}} ([0-9.e+]+)$'
