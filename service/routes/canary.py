@@ -9,6 +9,7 @@ server's processes.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -19,7 +20,7 @@ from service import metrics
 from service.http.auth import require_admin
 from service.http.errors import ClientError
 from service.inference import readiness
-from service.routes.admin import Version, converged_on
+from service.routes.admin import ACTIVATE_POLL_SECONDS, Version, converged_on
 from service.routes.schemas import ActivateResponse, ErrorBody
 from service.routes.stores import RegistryDep, SettingsDep
 from service.settings import Settings
@@ -43,6 +44,8 @@ class VersionStats(BaseModel):
     mean_confidence: float | None
     low_confidence_share: float | None = Field(description="share with confidence <= `low_confidence_at`")
     review_rate: float | None = Field(description="share the capture tap kept for the review queue")
+    feedback: int = Field(0, description="corrections posted to /feedback naming this version")
+    feedback_rate: float | None = Field(description="corrections per prediction of this version")
 
 
 class CanaryStatus(BaseModel):
@@ -59,12 +62,16 @@ class CanaryStatus(BaseModel):
 class CanaryAborted(BaseModel):
     aborted: str = Field(description="the canary version, no longer served")
     active: str | None = Field(description="the live version, which serves every request again")
+    converged: bool = Field(description="every model holder of this server has dropped the canary: from now on "
+                                        "this server answers every request with the live version")
+    behind: list[str] = Field(description="holders still announcing the canary after DIGITS_ACTIVATE_WAIT_SECONDS")
 
 
 def stats_of(version: str | None, measured: dict[str, dict]) -> VersionStats | None:
     if version is None:
         return None
-    empty = {"predictions": 0, "mean_confidence": None, "low_confidence_share": None, "review_rate": None}
+    empty = {"predictions": 0, "mean_confidence": None, "low_confidence_share": None, "review_rate": None,
+             "feedback_rate": None}
     return VersionStats(version=version, **measured.get(version, empty))
 
 
@@ -115,11 +122,26 @@ async def promote(request: Request, registry: RegistryDep, settings: SettingsDep
     return await converged_on(request, canary.version, previous, settings)
 
 
-@router.post("/canary/abort", response_model=CanaryAborted, summary="Stop the canary: the live version serves all",
-             responses={409: {"model": ErrorBody, "description": "no canary rollout is under way"}})
-async def abort(registry: RegistryDep) -> CanaryAborted:
+@router.post("/canary/abort", response_model=CanaryAborted,
+             summary="Stop the canary: the live version serves all; answers once every model holder of this "
+                     "server has dropped it",
+             responses={202: {"model": CanaryAborted, "description": "aborted, but some holders still announce "
+                              "the canary after DIGITS_ACTIVATE_WAIT_SECONDS (named in `behind`)"},
+                        409: {"model": ErrorBody, "description": "no canary rollout is under way"}})
+async def abort(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     canary = await end(registry, promote=False)
-    return CanaryAborted(aborted=canary.version, active=registry.active_version())
+    deadline = time.monotonic() + settings.activate_wait_seconds
+    while (behind := holding(request, canary.version)) and time.monotonic() < deadline:
+        await asyncio.sleep(ACTIVATE_POLL_SECONDS)
+    body = CanaryAborted(aborted=canary.version, active=registry.active_version(), converged=not behind,
+                         behind=behind)
+    return JSONResponse(body.model_dump(), status_code=202 if behind else 200)
+
+
+def holding(request: Request, version: str) -> list[str]:
+    """The holders (``"role index"``) of this server that still announce ``version`` as their canary."""
+    return [f"{h['role']} {h['index']}" for h in readiness.report(request.app)["holders"]
+            if h.get("canary_version") == version]
 
 
 async def end(registry: Registry, promote: bool) -> Canary:
