@@ -67,6 +67,10 @@ review_dropped = Counter(
     "digits_review_dropped", "Predictions the capture tap could not keep: its queue was full (tap_full), the "
     "review queue held only labelled or leased items (review_full), or a write failed (error)", ["reason"]
 )
+feedback_corrections = Counter(
+    "digits_feedback_corrections", "Corrections posted to /feedback, by the version they say they correct",
+    ["version"],
+)
 prediction_confidence = Histogram(
     "digits_prediction_confidence", "Probability of the predicted digit, per model version (a drift signal)",
     ["version"], buckets=CONFIDENCE_BUCKETS,
@@ -126,7 +130,8 @@ def low_confidence_edge(threshold: float) -> float:
 def by_version(low_at: float) -> dict[str, dict[str, float | None]]:
     """Per version, over every process since the server started: predictions, mean confidence,
     the share at or below ``low_at`` (a bucket edge) and the share the capture tap kept for
-    review (what live and canary are compared by)."""
+    review, and the corrections /feedback posted naming it, per prediction (what live and canary
+    are compared by)."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -144,13 +149,16 @@ def by_version(low_at: float) -> dict[str, dict[str, float | None]]:
                 totals["observed"] += sample.value
             elif family.name == "digits_review_captured" and sample.name.endswith("_total"):
                 totals["captured"] += sample.value
+            elif family.name == "digits_feedback_corrections" and sample.name.endswith("_total"):
+                totals["feedback"] += sample.value
 
     def share(part: float, whole: float) -> float | None:
         return round(part / whole, 4) if whole else None
 
     return {version: {"predictions": int(t["count"]), "mean_confidence": share(t["sum"], t["count"]),
                       "low_confidence_share": share(t["low"], t["count"]),
-                      "review_rate": share(t["captured"], t["observed"])}
+                      "review_rate": share(t["captured"], t["observed"]),
+                      "feedback": int(t["feedback"]), "feedback_rate": share(t["feedback"], t["count"])}
             for version, t in seen.items() if version}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from model.photoset import photo_set
@@ -64,6 +65,8 @@ def test_draw_predict_and_correct(browser, start_server, registry_copy, tmp_path
     page.click("#labels button[data-label='7']")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('thanks')", timeout=30_000)
     assert len(list((registry_copy.root / "feedback").glob("*.safetensors"))) == 1
+    exposition = requests.get(f"{server.url}/metrics", timeout=10).text  # it names the answer's version
+    assert 'digits_feedback_corrections_total{version="v0001"} 1.0' in exposition
 
     page.click("#clear")
     page.click("#predict")  # nothing drawn: the service says there is no ink

@@ -135,14 +135,15 @@ def server(base_registry, tmp_path_factory) -> ServerProcess:
 
 
 def post_feedback(session: requests.Session, server: ServerProcess, label: object = 3, *, json: bool = False,
-                  headers: dict | None = None) -> requests.Response:
+                  headers: dict | None = None, model_version: str | None = None) -> requests.Response:
     png = png_of(digit())
     headers = FEEDBACK if headers is None else headers
+    named = {} if model_version is None else {"model_version": model_version}
     if json:
-        body = {"image": base64.b64encode(png).decode(), "label": label}
+        body = {"image": base64.b64encode(png).decode(), "label": label, **named}
         return session.post(f"{server.url}/feedback", json=body, headers=headers, timeout=30)
     return session.post(f"{server.url}/feedback", files={"file": ("d.png", png, "image/png")},
-                        data={"label": str(label)}, headers=headers, timeout=30)
+                        data={"label": str(label), **named}, headers=headers, timeout=30)
 
 
 def assert_error(response: requests.Response, status: int, code: str, mentions: str = "") -> dict:
@@ -174,6 +175,17 @@ def test_feedback_is_rate_limited_per_client_address(server: ServerProcess) -> N
     assert_error(limited, 429, "rate_limited", "retry in")
     assert 1 <= int(limited.headers["Retry-After"]) <= 5  # 0.2 tokens per second
     assert post_feedback(second, server, label="x").status_code == 422  # another address, its own bucket
+
+
+def test_a_correction_names_the_version_it_corrects_and_counts_for_it(server: ServerProcess) -> None:
+    for n, version in enumerate(("v0042", "v1", "latest", "../v0001")):  # a metric label: only real versions
+        assert_error(post_feedback(client(25 + n), server, model_version=version), 422, "unknown_version", "v")
+    body = assert_error(post_feedback(client(29), server, json=True, model_version="latest"), 422, "invalid_fields")
+    assert [error["loc"] for error in body["detail"]] == [["model_version"]]
+    stored = post_feedback(client(90), server, model_version="v0001", json=True)  # one: the bound test needs room
+    assert stored.status_code == 201 and stored.json()["model_version"] == "v0001", stored.text
+    exposition = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert 'digits_feedback_corrections_total{version="v0001"} 1.0' in exposition, exposition[-2000:]
 
 
 def test_feedback_store_is_bounded_with_507(server: ServerProcess) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.finetune_options import FinetuneOptions
+from model.registry import VERSION_ID
 from service.finetune.jobs import JobState
 from service.http.labels import Label
 
@@ -40,6 +41,7 @@ class ErrorBody(BaseModel):
 class FeedbackResponse(BaseModel):
     stored: str = Field(..., description="id of the stored sample")
     label: int
+    model_version: str | None = Field(None, description="the version this corrects, as the request named it")
     feedback_samples: int = Field(..., description="feedback samples collected so far")
 
 
@@ -49,6 +51,15 @@ class LabelledImageJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str = Field(..., min_length=1, description="base64 (standard or url-safe) image or data URL")
     label: Label
+
+
+class FeedbackJSON(LabelledImageJSON):
+    """The JSON body of POST /feedback: a labelled image and, optionally, the version it corrects."""
+
+    model_version: str | None = Field(
+        None, pattern=VERSION_ID,
+        description="the `model_version` of the answer this corrects (from the /predict response): it counts "
+                    "toward that version's feedback rate, which GET /admin/canary compares between live and canary")
 
 
 class FinetuneJSON(FinetuneOptions):
