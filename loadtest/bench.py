@@ -7,7 +7,8 @@ levels, best of ``--repeat`` runs per level:
   (no FastAPI server doing real work can beat it);
 * peer: FastAPI + ONNX Runtime (same model.onnx, one thread per process), the preprocessing
   as it was before the serving-path work, 2 uvicorn workers (loadtest/peer_server.py);
-* service: ``python -m service`` with default settings (and ``--modes`` for others), then
+* service: ``python -m service`` with default settings, and the same with ``DIGITS_REVIEW_CAPTURE=false``
+  (what the capture tap costs; ``--modes`` picks others), then
   the V2 section (``loadtest/v2_bench.py``): the Open Inference Protocol against MLServer 1.7.1
   and the compute bound.
 
@@ -46,6 +47,7 @@ LEVELS = (1, 4, 16, 64)
 BOUNDARY = "benchboundary"
 MODES = {  # name -> service settings on top of the defaults
     "default": {},
+    "capture-off": {"review_capture": "false"},  # the A/B of the capture tap (issue 20: no measurable cost)
     "worker": {"inference": "worker", "runtime": "onnx"},
     "worker-torch": {"inference": "worker", "runtime": "torch"},
 }
@@ -150,13 +152,18 @@ def print_table(results: list[Result]) -> None:
     checks.append(("zero non-200 answers", all(r.failed == 0 for r in service_r.values())))
     for text, met in checks:
         print(f"target {text}: {'met' if met else 'NOT met'}")
+    off = {c: by[("service (capture-off)", c)] for c in LEVELS if ("service (capture-off)", c) in by}
+    if off:
+        print("capture tap (on ÷ off, req/s; p99 on vs off): " + ", ".join(
+            f"{c} clients {service_r[c].rps / off[c].rps:.2f} ({service_r[c].p99_ms:.1f} vs {off[c].p99_ms:.1f} ms)"
+            for c in off))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per run and concurrency level")
     parser.add_argument("--repeat", type=int, default=3, help="runs per level; the best counts")
-    parser.add_argument("--modes", default="default", help=f"service settings to run: {','.join(MODES)}")
+    parser.add_argument("--modes", default="default,capture-off", help=f"service settings to run: {','.join(MODES)}")
     parser.add_argument("--v2-seconds", type=float, default=5.0, help="per V2 run (0: skip the V2 section)")
     parser.add_argument("--v2-repeat", type=int, default=2, help="V2 runs per level; the best counts")
     parser.add_argument("--registry", default="registry")

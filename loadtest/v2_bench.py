@@ -1,7 +1,9 @@
 """`make bench`'s V2 section: the Open Inference Protocol, this service against MLServer 1.7.1
 and against the compute bound, in one run.
 
-* service: ``python -m service``, default settings (ONNX Runtime in 2 API servers).
+* service: ``python -m service``, default settings (ONNX Runtime in 2 API servers); in the
+  binary cases also the same with ``DIGITS_SPLIT_BATCH=0`` (a large batch on one core, as before
+  issue 22) and with ``DIGITS_REVIEW_CAPTURE=false`` (what the capture tap costs).
 * MLServer 1.7.1 (KServe's Python serving runtime) with the same model.onnx through a custom
   runtime (``loadtest/mlserver_runtime.py``, ONNX Runtime with every core as intra-op threads),
   adaptive batching (max_batch_size 64, max_batch_time 2 ms) and ``parallel_workers: 0``: its
@@ -60,6 +62,7 @@ MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 INFER_PATH = "/v2/models/digits/infer"
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 NO_SPLIT = "service, no split"  # DIGITS_SPLIT_BATCH=0: one core per request, as before issue 22
+CAPTURE_OFF = "service, capture off"  # DIGITS_REVIEW_CAPTURE=false: what the capture tap costs (issue 20)
 
 
 @dataclass
@@ -370,7 +373,7 @@ def measure(targets: list[Target], model_path: Path, data_dir: Path, work_dir: P
     services = [t for t in targets if t.name.startswith("service")]
 
     levels = []  # (label, [one run per target: a function returning a Row])
-    peers = [t for t in targets if t.name != NO_SPLIT]
+    peers = [t for t in targets if t.name not in (NO_SPLIT, CAPTURE_OFF)]  # the A/B servers: binary cases only
     for connections in (1, 16):
         levels.append([lambda t=t, c=connections: hey_row("JSON, 1 image", t, json_1, "application/json", 1, c,
                                                           seconds) for t in peers])
@@ -385,7 +388,7 @@ def measure(targets: list[Target], model_path: Path, data_dir: Path, work_dir: P
                        lambda: bound.row(seconds)])
     for channels in (16, 1):
         levels.append([*(lambda t=t, ch=channels: grpc_row("gRPC, 64 images", t, request, expected, ch, 16, seconds)
-                         for t in targets), lambda: bound.row(seconds)])
+                         for t in targets if t.name != CAPTURE_OFF), lambda: bound.row(seconds)])
     levels.append([lambda p=p: bound.row(seconds, p) for p in (2, 1)])
 
     for target in targets:  # warm every server's JSON and gRPC paths first
@@ -459,6 +462,11 @@ def print_summary(rows: list[Row]) -> None:
     checks.append(("zero failed requests", all(r.failed == 0 for r in rows)))
     for text, met in checks:
         print(f"target {text}: {'met' if met else 'NOT met'}")
+    pairs = [(find(rows, "binary, 64 images", "service", c), find(rows, "binary, 64 images", CAPTURE_OFF, c))
+             for c in (1, 4, 16, 64)]
+    if all(off for _, off in pairs):
+        print("capture tap, binary 64 (on ÷ off, images/s): " + ", ".join(
+            f"{on.connections} conn {on.images_per_s / off.images_per_s:.2f}" for on, off in pairs))
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -471,7 +479,8 @@ def plot(rows: list[Row], path: Path) -> None:
     shown = [r for r in rows if r.case != "bound"]
     labels = [f"{r.case} · {r.server} · {r.connections} {'channels' if r.case.startswith('gRPC') else 'conn'}"
               for r in shown]
-    colours = [{"service": "tab:blue", NO_SPLIT: "tab:grey"}.get(r.server, "tab:orange") for r in shown]
+    colours = [{"service": "tab:blue", NO_SPLIT: "tab:grey", CAPTURE_OFF: "tab:green"}.get(r.server, "tab:orange")
+               for r in shown]
     fig, ax = plt.subplots(figsize=(12, 0.32 * len(shown) + 1.5))
     ax.barh(range(len(shown)), [r.images_per_s for r in shown], color=colours)
     ax.axvline(bound.images_per_s, color="black", linestyle="--", label="bound: ONNX Runtime alone, 2 cores")
@@ -481,7 +490,8 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="images / s",
-           title="Open Inference Protocol: service (blue; grey: without splitting) vs MLServer 1.7.1 (orange)")
+           title="Open Inference Protocol: service (blue; grey: without splitting; green: capture off) "
+                 "vs MLServer 1.7.1 (orange)")
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -495,11 +505,14 @@ def section(service_server: ServerProcess, model_path: Path, data_dir: Path, rep
     Started here: the same service with DIGITS_SPLIT_BATCH=0 (a large batch on one core, as before
     issue 22), and MLServer (skipped, saying so, when its venv is missing)."""
     with contextlib.ExitStack() as stack:
-        print("  starting the service with DIGITS_SPLIT_BATCH=0 ...", flush=True)
+        print("  starting the service with DIGITS_SPLIT_BATCH=0, and with DIGITS_REVIEW_CAPTURE=false ...", flush=True)
         no_split = stack.enter_context(service(free_port(), reports, trainer_enabled="false", split_batch=0,
                                                registry=str(service_server.registry)))
+        no_capture = stack.enter_context(service(free_port(), reports, trainer_enabled="false",
+                                                 review_capture="false", registry=str(service_server.registry)))
         targets = [Target("service", service_server.url, service_server.grpc_address, service_server),
-                   Target(NO_SPLIT, no_split.url, no_split.grpc_address, no_split)]
+                   Target(NO_SPLIT, no_split.url, no_split.grpc_address, no_split),
+                   Target(CAPTURE_OFF, no_capture.url, no_capture.grpc_address, no_capture)]
         if mlserver_executable.exists():
             print("  starting MLServer 1.7.1 (custom ONNX Runtime runtime, adaptive batching 64 / 2 ms, "
                   "parallel_workers 0) ...", flush=True)
