@@ -64,8 +64,9 @@ review_captured = Counter(
     "digits_review_captured", "Predictions kept in the review queue", ["version", "reason"]
 )
 review_dropped = Counter(
-    "digits_review_dropped", "Predictions the capture tap could not keep: its queue was full (tap_full), the "
-    "review queue held only labelled or leased items (review_full), or a write failed (error)", ["reason"]
+    "digits_review_dropped", "Predictions the capture tap did not keep: its queue was full (tap_full), the "
+    "review queue held only labelled or leased items (review_full), over DIGITS_REVIEW_MAX_PER_SECOND (rate), "
+    "an input it captured lately (repeat), or a write failed (error)", ["reason"]
 )
 feedback_corrections = Counter(
     "digits_feedback_corrections", "Corrections posted to /feedback, by the version they say they correct",

@@ -35,7 +35,7 @@ log = logging.getLogger("digits.server")
 ROLE_OF = {adapter.ProcessKind.INFERENCE_WORKER: "worker", adapter.ProcessKind.API_SERVER: "api"}  # readiness roles
 
 
-class PredictShortcut:
+class Shortcuts:
     """POST /predict and V2 infer go straight to their endpoints; everything else through FastAPI."""
 
     def __init__(self, app: FastAPI) -> None:
@@ -45,17 +45,17 @@ class PredictShortcut:
         if scope["type"] == "http" and scope["method"] == "POST":
             if scope["path"] == predict.PATH:
                 return await self.predict(scope, receive, send)
-            if path := INFER_PATH.fullmatch(scope["path"]):
-                return await self.infer(scope, receive, send, path)
+            if match := INFER_PATH.fullmatch(scope["path"]):
+                return await self.infer(scope, receive, send, match)
         await self.app(scope, receive, send)
 
 
 def edge(settings: Settings) -> Callable[[FastAPI], ASGIApp]:
     """What uvicorn runs in every API server: request ids, metrics and access log, the body
-    limit, then the /predict shortcut or the FastAPI app."""
+    limit, then the shortcuts (/predict, V2 infer) or the FastAPI app."""
 
     def wrap(app: FastAPI) -> ASGIApp:
-        limited = BodyLimitMiddleware(PredictShortcut(app), max_bytes=settings.max_body_bytes,
+        limited = BodyLimitMiddleware(Shortcuts(app), max_bytes=settings.max_body_bytes,
                                       admin_max_bytes=settings.finetune_max_body_bytes)
         return RequestContextMiddleware(limited, access_log_enabled=settings.access_log)
 

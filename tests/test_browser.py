@@ -62,10 +62,13 @@ def test_draw_predict_and_correct(browser, start_server, registry_copy, tmp_path
     page.wait_for_function("document.getElementById('digit').textContent !== '?'", timeout=30_000)
     assert page.text_content("#digit") == "7"
 
-    page.click("#labels button[data-label='7']")
+    page.click("#labels button[data-label='7']")  # the same digit: a confirmation, stored, correcting nothing
     page.wait_for_function("document.getElementById('status').textContent.startsWith('thanks')", timeout=30_000)
-    assert len(list((registry_copy.root / "feedback").glob("*.safetensors"))) == 1
-    exposition = requests.get(f"{server.url}/metrics", timeout=10).text  # it names the answer's version
+    page.click("#labels button[data-label='1']")  # another digit: a correction of v0001's answer
+    page.wait_for_function("document.getElementById('status').textContent.includes('(2 corrections')",
+                           timeout=30_000)
+    assert len(list((registry_copy.root / "feedback").glob("*.safetensors"))) == 2
+    exposition = requests.get(f"{server.url}/metrics", timeout=10).text
     assert 'digits_feedback_corrections_total{version="v0001"} 1.0' in exposition
 
     page.click("#clear")

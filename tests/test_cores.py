@@ -88,14 +88,18 @@ def test_the_caller_waits_for_a_chunk_a_helper_is_computing_rather_than_compute_
     share = CoreShare(tmp_path, 0, split_min=16, cores=2)
     calls: list[int] = []
 
-    def slow(part: np.ndarray) -> np.ndarray:  # 5 ms a chunk: the caller's patience is twice its slowest
+    def slow(part: np.ndarray) -> np.ndarray:  # 20 ms a chunk: the caller's patience is twice its slowest
         calls.append(threading.get_ident())
-        time.sleep(0.005)
+        time.sleep(0.02)
         return np.full((len(part), 10), part[:, 0, 0, None], dtype=np.float32)
 
     pixels = np.arange(64, dtype=np.uint8)[:, None, None] * np.ones((64, 28, 28), np.uint8)
+    computed = []
     for _ in range(5):
         calls.clear()
         got = share.compute(pixels, slow)
-        assert np.array_equal(got[:, 0], np.arange(64))
-        assert len(calls) == 8 and len(set(calls)) == 2, calls  # 8 chunks of 8, each computed once
+        assert np.array_equal(got[:, 0], np.arange(64)) and len(set(calls)) == 2
+        computed.append(len(calls))
+    # 8 chunks of 8, each computed once (the old caller computed the helper's last chunk again: 9 every
+    # time); one run in five may find the helper off the cores for 40 ms on a busy machine
+    assert computed.count(8) >= 4, computed

@@ -288,3 +288,16 @@ def test_a_flood_of_unsure_predictions_writes_at_most_the_rate(registry: Registr
     tap.close()
     allowed = 5 + 5 * (time.monotonic() - started)  # a second's worth, then the refill
     assert 1 <= len(review.items(limit=1000)) <= allowed < 200
+
+
+def test_the_same_digit_again_is_captured_once_and_the_ring_gets_a_chunk_a_second(registry: Registry) -> None:
+    review, ring = ReviewQueue(registry), TrafficRing(registry)
+    tap = Tap(review, ring, Rules(threshold=0.8, sample=0, traffic_every=1, max_per_second=1000)).start()
+    repeated = np.stack([digit(v % 4) for v in range(64)])  # a load test: 4 unsure digits, 16 times each
+    for _ in range(12):  # 3 s of requests, 4 a second: one chunk a second reaches the ring, not 12
+        tap.observe(repeated, probabilities([0.5] * 64), "v0001")
+        time.sleep(0.25)
+    tap.close()
+    assert len(review.items(limit=1000)) == 4
+    chunks = registry.traffic_chunks()
+    assert 2 <= len(chunks) <= 5 and len(ring) <= 5 * 256, (len(chunks), len(ring))

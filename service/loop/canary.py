@@ -73,13 +73,25 @@ class CanaryArm:
             self.state = CanaryState(current.serving, canary.percent)
             return True
         try:
-            self.state = CanaryState(self.build(canary.version), canary.percent)
+            serving = self.build(canary.version)
         except Exception:  # any load failure: the live version serves everything
             log.exception("cannot load canary %s; serving the live version only", canary.version)
             self.state = None
             return True
+        if not self._still(marker):  # aborted (or replaced) while it loaded: not served; the next poll reads anew
+            self.marker, self.state = UNREAD, None
+            return True
+        self.state = CanaryState(serving, canary.percent)
         log.info("serving canary %s to %s%% of requests", canary.version, canary.percent)
         return True
+
+    def _still(self, marker: tuple[int, int] | None) -> bool:
+        """The pointer is still the one read as ``marker`` (an abort answers once no holder announces
+        the canary: one that finished loading it after the abort must not start serving it)."""
+        try:
+            return self.registry.canary_marker() == marker
+        except Exception:
+            return False
 
     def pick(self, live: Serving, pin: str | None) -> Serving:
         """The Serving for one request: the canary for its share (or when pinned to it), else ``live``."""

@@ -9,6 +9,12 @@ The thread observes the confidence histogram per version, keeps predictions belo
 threshold (and a sampled share of the rest) in the review queue, and every Nth input in the
 traffic ring. With capture off (``DIGITS_REVIEW_CAPTURE=false``) it stores no input at all,
 only the metrics.
+
+What it writes is bounded in files per second, whatever the traffic, because the thread shares
+the API server's cores: at most ``DIGITS_REVIEW_MAX_PER_SECOND`` captures, none of an input this
+tap captured lately (a client, or a load test, sending the same digits again; counted as
+``repeat``), and one traffic-ring chunk a second. Before those bounds, a load test repeating 64
+digits cost 14 % of V2 throughput at one connection and 5-7 % of /predict's (make bench's A/B).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from service.settings import Settings, default_of
 log = logging.getLogger("digits.capture")
 BATCH_ITEMS = 512  # predictions written per batch at most
 FLUSH_SECONDS = 0.25  # the thread writes what came in every this often
+RECENT_CAPTURES = 4096  # inputs this tap captured lately: the same digit again is not queued again
+RING_FLUSH_SECONDS = 1.0  # the traffic ring gets one chunk a second at most from this tap ...
+RING_MAX_PER_FLUSH = 256  # ... of at most this many inputs, spread evenly over that second's
 # The upload of the current /predict request, set by its endpoint (kept only with DIGITS_REVIEW_KEEP_ORIGINAL).
 ORIGINAL: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("digits_original_upload", default=None)
 
@@ -77,6 +86,9 @@ class Tap:
         self.thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.allowance, self.refilled = rules.max_per_second, time.monotonic()  # captures it may write now
+        self.recent: dict[int, None] = {}  # hashes of the inputs captured lately, oldest first
+        self.ring_pending: list[np.ndarray] = []  # inputs for the ring since its last chunk
+        self.ring_flushed = time.monotonic()
 
     def observe(self, pixels: np.ndarray, probabilities: np.ndarray, version: str,
                 original: bytes | None = None) -> None:
@@ -101,7 +113,10 @@ class Tap:
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_SECONDS):
             self._drain()
+            if time.monotonic() - self.ring_flushed >= RING_FLUSH_SECONDS:
+                self._flush_ring()
         self._drain()
+        self._flush_ring()
 
     def _drain(self) -> None:
         """Write everything queued now, BATCH_ITEMS predictions at a time."""
@@ -122,6 +137,7 @@ class Tap:
         """The metrics of a batch, then its captures and its share of the ring (vectorised: the
         thread shares the API server's CPU and GIL)."""
         captures, traffic = [], []
+        fresh: dict[int, None] = {}  # the input hash of each capture, in order
         for version in dict.fromkeys(o.version for o in batch):
             group = [o for o in batch if o.version == version]
             pixels = np.concatenate([o.pixels for o in group])
@@ -136,9 +152,15 @@ class Tap:
             traffic.append(pixels[positions % self.rules.traffic_every == 0])
             unsure = confidences < self.rules.threshold
             sampled = ~unsure & (self.random.random(len(confidences)) < self.rules.sample)
-            rows = [(o.time, o.original if len(o.pixels) == 1 else None) for o in group for _ in range(len(o.pixels))]
+            owner = np.repeat(np.arange(len(group)), [len(o.pixels) for o in group])  # each prediction's batch
             for index in np.flatnonzero(unsure | sampled).tolist():
-                when, upload = rows[index]
+                key = hash(pixels[index].tobytes())
+                if key in self.recent or key in fresh:
+                    metrics.review_dropped.labels("repeat").inc()
+                    continue
+                fresh[key] = None
+                observed = group[owner[index]]
+                when, upload = observed.time, observed.original if len(observed.pixels) == 1 else None
                 captures.append(Capture(pixels[index].copy(), int(probabilities[index].argmax()),
                                         float(confidences[index]), version, when,
                                         "low_confidence" if unsure[index] else "sample",
@@ -146,13 +168,31 @@ class Tap:
         captures = self._within_rate(captures)
         if captures:
             stored = self.review.add(captures)
+            self._remember(list(fresh)[:stored])
             for capture in captures[:stored]:
                 metrics.review_captured.labels(capture.version, capture.reason).inc()
             if stored < len(captures):
                 metrics.review_dropped.labels("review_full").inc(len(captures) - stored)
-        if traffic and sum(map(len, traffic)):
-            self.ring.append(np.concatenate(traffic))
+        if traffic and len(chosen := np.concatenate(traffic)):  # a drain's share of the ring's chunk, spread
+            self.ring_pending.append(evenly(chosen, RING_MAX_PER_FLUSH * FLUSH_SECONDS / RING_FLUSH_SECONDS))
 
+    def _remember(self, keys: list[int]) -> None:
+        """The inputs just stored: captured lately, until RECENT_CAPTURES newer ones push them out."""
+        for key in keys:
+            self.recent[key] = None
+        while len(self.recent) > RECENT_CAPTURES:
+            del self.recent[next(iter(self.recent))]
+
+    def _flush_ring(self) -> None:
+        """One chunk of what came for the ring since the last: at most RING_MAX_PER_FLUSH, evenly spread."""
+        self.ring_flushed = time.monotonic()
+        if not self.ring_pending:
+            return
+        inputs, self.ring_pending = evenly(np.concatenate(self.ring_pending), RING_MAX_PER_FLUSH), []
+        try:
+            self.ring.append(inputs)
+        except Exception:
+            log.exception("capture: could not write %d input(s) to the traffic ring", len(inputs))
 
     def _within_rate(self, captures: list[Capture]) -> list[Capture]:
         """At most ``max_per_second`` captures a second (a token bucket of a second's worth): each
@@ -166,6 +206,13 @@ class Tap:
         if len(kept) < len(captures):
             metrics.review_dropped.labels("rate").inc(len(captures) - len(kept))
         return kept
+
+
+def evenly(rows: np.ndarray, at_most: float) -> np.ndarray:
+    """``rows``, or ``at_most`` of them evenly spaced when there are more."""
+    if len(rows) <= at_most:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, int(at_most)).round().astype(int)]
 
 
 class TappedPredictor:

@@ -131,7 +131,7 @@ async def promote(request: Request, registry: RegistryDep, settings: SettingsDep
 async def abort(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     canary = await end(registry, promote=False)
     deadline = time.monotonic() + settings.activate_wait_seconds
-    while (behind := holding(request, canary.version)) and time.monotonic() < deadline:
+    while (behind := await asyncio.to_thread(holding, request, canary.version)) and time.monotonic() < deadline:
         await asyncio.sleep(ACTIVATE_POLL_SECONDS)
     body = CanaryAborted(aborted=canary.version, active=registry.active_version(), converged=not behind,
                          behind=behind)

@@ -67,7 +67,7 @@ async def correction(request: Request) -> Correction:
         raise ClientError(422, "missing_file", "the multipart body needs a 'file' field holding the image")
     if label is None:
         raise ClientError(422, "missing_label", "the multipart body needs a 'label' field (0-9)")
-    return Correction(upload.data, parse_label(label), body.field("model_version") or None)
+    return Correction(upload.data, parse_label(label), body.field("model_version"))
 
 
 def check_corrected_version(version: str | None, registry: Registry) -> None:

@@ -46,7 +46,7 @@ class FeedbackResponse(BaseModel):
 
 
 class LabelledImageJSON(BaseModel):
-    """An image with its true digit: the JSON body of POST /feedback, one sample of a fine-tune."""
+    """An image with its true digit: one sample of a fine-tune (and POST /feedback's body, as FeedbackJSON)."""
 
     model_config = ConfigDict(extra="forbid")
     image: str = Field(..., min_length=1, description="base64 (standard or url-safe) image or data URL")
