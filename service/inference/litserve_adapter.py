@@ -419,12 +419,13 @@ async def submit(server: DigitServer, worker: int, payload: Any) -> Any:
     Raises :class:`WorkerGone`, :class:`QueueTimeout` or :class:`WorkerFailed`."""
     uid = uuid.uuid4().hex
     item = ResponseBufferItem(event=asyncio.Event())
+    item.worker_id = worker  # before the worker takes it: a death fails what sits in its queue too
     server.response_buffer[uid] = item
     try:
         server.worker_queues[worker].put((server.app.response_queue_id, uid, time.monotonic(), payload))
         await item.event.wait()
         if item.response is None:
-            raise WorkerGone(f"inference worker {item.worker_id} died while holding this request")
+            raise WorkerGone(f"inference worker {item.worker_id} died while holding this request (queued or taken)")
         response, status = item.response[0], item.response[1]
     finally:
         server.response_buffer.pop(uid, None)
@@ -443,7 +444,9 @@ def error_of(response: Any) -> QueueTimeout | WorkerFailed:
 
 
 def fail_requests_held_by(server: DigitServer, worker: int) -> int:
-    """Answer (with WorkerGone) every waiting request that worker ``worker`` had taken."""
+    """Answer (with WorkerGone) every waiting request queued to worker ``worker`` or taken by it.
+    A request queued but not yet taken would otherwise wait in the dead worker's queue until the
+    replacement (seconds, many under load) reads it: a client timeout, seen once in CI."""
     failed = 0
     for item in list(server.response_buffer.values()):
         if item.worker_id == worker and not item.event.is_set():
